@@ -1,0 +1,158 @@
+"""HTTP routes: a thin map from requests to the chat service, and from results to responses."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from sse_starlette import EventSourceResponse
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from gateway.errors import APIError, InvalidRequest, MethodNotAllowed, NotFound
+from gateway.mesh import Mesh
+from gateway.metrics import Metrics
+from gateway.protocol import ChatCompletionRequest
+from gateway.service import ChatService
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+MAX_BODY_BYTES = 8 << 20
+
+
+@dataclass
+class GatewayState:
+    """What the routes reach: one served model for now."""
+
+    service: ChatService
+    mesh: Mesh
+    metrics: Metrics
+    join_token: str
+    started: float
+
+
+def _state(request: Request) -> GatewayState:
+    return request.app.state.gateway
+
+
+def _validation_error(error: ValidationError) -> InvalidRequest:
+    first = error.errors()[0]
+    param = ".".join(str(part) for part in first["loc"]) or None
+    return InvalidRequest(f"{param}: {first['msg']}" if param else first["msg"], param)
+
+
+async def _parse_chat_request(request: Request) -> ChatCompletionRequest:
+    body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        raise InvalidRequest(f"request body larger than {MAX_BODY_BYTES} bytes")
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InvalidRequest(f"request body is not valid JSON: {error}") from None
+    if not isinstance(payload, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    try:
+        return ChatCompletionRequest.model_validate(payload)
+    except ValidationError as error:
+        raise _validation_error(error) from None
+
+
+async def chat_completions(request: Request) -> Response:
+    service = _state(request).service
+    chat_request = await _parse_chat_request(request)
+    completion = service.start(chat_request)
+    if not chat_request.stream:
+        return JSONResponse(await service.complete(completion))
+
+    async def events():
+        async for chunk in service.stream(completion):
+            yield {"data": json.dumps(chunk, separators=(",", ":"))}
+            if "error" in chunk:
+                return
+        yield {"data": "[DONE]"}
+
+    return EventSourceResponse(events(), ping=15)
+
+
+async def models(request: Request) -> Response:
+    state = _state(request)
+    model = {
+        "id": state.service.model_name,
+        "object": "model",
+        "created": int(state.started),
+        "owned_by": "meshpipe",
+    }
+    return JSONResponse({"object": "list", "data": [model]})
+
+
+async def health(request: Request) -> Response:
+    state = _state(request)
+    ready = state.mesh.live
+    return JSONResponse({"status": "ok" if ready else "starting", "ready": ready})
+
+
+def _is_local(request: Request) -> bool:
+    return request.client is not None and request.client.host in ("127.0.0.1", "::1", "localhost")
+
+
+async def status(request: Request) -> Response:
+    state = _state(request)
+    body: dict[str, Any] = {
+        "model": state.service.model_name,
+        "uptime": time.time() - state.started,
+        "pipeline": state.mesh.status(),
+        "engine": state.service.engine.status(),
+    }
+    body["stages"] = body["pipeline"]["stages"]
+    if _is_local(request):
+        body["join_token"] = state.join_token
+    return JSONResponse(body)
+
+
+async def metrics(request: Request) -> Response:
+    return Response(_state(request).metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+async def api_error(request: Request, error: Exception) -> Response:
+    assert isinstance(error, APIError)
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+async def http_error(request: Request, error: Exception) -> Response:
+    assert isinstance(error, HTTPException)
+    if error.status_code == 405:
+        api: APIError = MethodNotAllowed(
+            f"method {request.method} not allowed on {request.url.path}"
+        )
+    elif error.status_code == 404:
+        api = NotFound(f"no route {request.method} {request.url.path}")
+    else:
+        api = InvalidRequest(str(error.detail))
+        api.status = error.status_code
+    return JSONResponse(api.body(), status_code=api.status)
+
+
+def build_app(state: GatewayState) -> Starlette:
+    """The gateway's Starlette application."""
+    routes = [
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/api/status", status, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
+    if WEB_DIR.is_dir():
+        routes.append(Mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web"))
+    app = Starlette(
+        routes=routes,
+        exception_handlers={APIError: api_error, HTTPException: http_error},
+    )
+    app.state.gateway = state
+    return app

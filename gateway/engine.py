@@ -1,0 +1,361 @@
+"""The step scheduler: continuous batching with chunked prefill over a pipeline of stages.
+
+Each running sequence owns a KV slot (the same slot index on every stage). A sequence's tokens
+are `prompt + generated`; `computed` of them are in the KV cache. Whatever is not computed yet
+is its next input: a prompt chunk while prefilling, the last sampled token while decoding, or
+the whole history again after a failover. A micro-batch samples a token for every sequence
+whose input reaches its end.
+
+Up to `max_in_flight` micro-batches are inside the pipeline at once (one per stage by default),
+so all stages compute at the same time; a sequence is in at most one of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from gateway.errors import APIError, GenerationFailed, Overloaded, Unavailable
+from gateway.metrics import Metrics
+from gateway.text import ChatFormat, Detokenizer, StopMatcher
+from meshpipe.wire import Frame, Kind
+
+SEED_MULTIPLIER = 0x9E3779B97F4A7C15
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Sizes of the serving engine."""
+
+    num_slots: int = 8
+    max_seq_len: int = 2048
+    max_batch_tokens: int = 256
+    max_waiting: int = 64
+    max_in_flight: int = 2
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Per-request sampling and stopping."""
+
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    stops: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What a stream receives: new text, and at the end a finish reason or an error."""
+
+    text: str = ""
+    tokens: int = 0
+    finish_reason: str | None = None
+    error: APIError | None = None
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request's state inside the engine."""
+
+    request_id: str
+    prompt: list[int]
+    params: GenerationParams
+    detokenizer: Detokenizer
+    stop: StopMatcher
+    slot: int | None = None
+    computed: int = 0
+    generated: list[int] = field(default_factory=list)
+    in_flight: bool = False
+    finish_reason: str | None = None
+    cancelled: bool = False
+    created: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    events: asyncio.Queue[Delta] = field(default_factory=asyncio.Queue)
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + len(self.generated)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None or self.cancelled
+
+    def next_inputs(self, budget: int) -> list[int]:
+        """Up to `budget` of the tokens not in the KV cache yet."""
+        end = min(self.length, self.computed + budget)
+        prompt = self.prompt[self.computed : end]
+        start = max(self.computed - len(self.prompt), 0)
+        return prompt + self.generated[start : end - len(self.prompt)]
+
+    def token_seed(self, position: int) -> int:
+        """A seed for the token at `position`: reproducible whatever batch computes it."""
+        return (self.params.seed * SEED_MULTIPLIER + position) & ((1 << 63) - 1)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One sequence's part in a micro-batch."""
+
+    sequence: Sequence
+    length: int
+    sampled: bool
+
+
+class Pipeline:
+    """What the engine needs of the mesh: send a batch to the first stage, release slots."""
+
+    def send_batch(self, frame: Frame) -> None: ...
+
+    def release(self, slots: list[tuple[int, str]]) -> None: ...
+
+
+class Engine:
+    """Admission, batching and token delivery for one model."""
+
+    def __init__(
+        self, settings: EngineSettings, chat: ChatFormat, eos_ids: set[int], metrics: Metrics
+    ) -> None:
+        self.settings = settings
+        self.chat = chat
+        self.eos_ids = eos_ids
+        self.metrics = metrics
+        self.pipeline: Pipeline | None = None
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.free_slots = list(range(settings.num_slots - 1, -1, -1))
+        self.in_flight: dict[int, list[Entry]] = {}
+        self.batch_ids = itertools.count(1)
+        self.wakeup = asyncio.Event()
+        self.on_finished: Callable[[Sequence], None] | None = None
+
+    # -- requests --------------------------------------------------------------------------
+
+    def submit(self, request_id: str, prompt: list[int], params: GenerationParams) -> Sequence:
+        """Queue a request; 503 without a pipeline, 429 when the queue is full."""
+        if self.pipeline is None:
+            raise Unavailable("no pipeline is serving this model right now; retry shortly")
+        if len(self.waiting) >= self.settings.max_waiting:
+            raise Overloaded("the request queue is full; retry later")
+        sequence = Sequence(
+            request_id, prompt, params, Detokenizer(self.chat), StopMatcher(list(params.stops))
+        )
+        self.waiting.append(sequence)
+        self._update_gauges()
+        self.wakeup.set()
+        return sequence
+
+    def cancel(self, sequence: Sequence) -> None:
+        """The client went away: free the slot now, or when its batch comes back."""
+        if sequence.finished:
+            return
+        sequence.cancelled = True
+        if sequence in self.waiting:
+            self.waiting.remove(sequence)
+        elif not sequence.in_flight:
+            self._retire(sequence)
+        self._update_gauges()
+        self.wakeup.set()
+
+    # -- scheduling ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """The scheduler loop: fill the pipeline whenever a batch slot or work appears."""
+        while True:
+            await self.wakeup.wait()
+            self.wakeup.clear()
+            while self.pipeline is not None and len(self.in_flight) < self.settings.max_in_flight:
+                entries = self._next_batch()
+                if not entries:
+                    break
+                self._send(entries)
+
+    def _admit(self) -> None:
+        while self.waiting and self.free_slots:
+            sequence = self.waiting.popleft()
+            sequence.slot = self.free_slots.pop()
+            self.running.append(sequence)
+            self.metrics.prompt_tokens.inc(len(sequence.prompt))
+        self._update_gauges()
+
+    def _next_batch(self) -> list[Entry]:
+        """Decodes first, then prompt chunks, under the token budget; spread over free batches."""
+        self._admit()
+        ready = [s for s in self.running if not s.in_flight and not s.finished]
+        if not ready:
+            return []
+        free_batches = self.settings.max_in_flight - len(self.in_flight)
+        max_sequences = math.ceil(len(ready) / free_batches)
+        ready.sort(key=lambda s: (s.length - s.computed > 1, s.created))
+        budget, entries = self.settings.max_batch_tokens, []
+        for sequence in ready[:max_sequences]:
+            length = min(sequence.length - sequence.computed, budget)
+            if length <= 0:
+                break
+            sampled = sequence.computed + length == sequence.length
+            entries.append(Entry(sequence, length, sampled))
+            budget -= length
+        return entries
+
+    def _send(self, entries: list[Entry]) -> None:
+        assert self.pipeline is not None
+        batch_id = next(self.batch_ids)
+        ids: list[int] = []
+        spans, sample, requests = [], [], {}
+        for index, entry in enumerate(entries):
+            sequence = entry.sequence
+            ids += sequence.next_inputs(entry.length)
+            spans.append([sequence.slot, sequence.computed, entry.length])
+            requests[str(sequence.slot)] = sequence.request_id
+            if entry.sampled:
+                p = sequence.params
+                seed = sequence.token_seed(sequence.length)
+                sample.append([index, p.temperature, p.top_p, p.top_k, seed])
+            sequence.in_flight = True
+        meta = {"spans": spans, "sample": sample, "requests": requests, "timings": []}
+        self.in_flight[batch_id] = entries
+        self.metrics.batches_in_flight.set(len(self.in_flight))
+        self.pipeline.send_batch(Frame(Kind.BATCH, batch_id, meta, torch.tensor(ids)))
+
+    # -- results ---------------------------------------------------------------------------
+
+    def on_tokens(self, batch_id: int, tokens: torch.Tensor, meta: dict) -> None:
+        """The last stage sampled one token per sampled entry of a batch."""
+        entries = self.in_flight.pop(batch_id, None)
+        if entries is None:
+            return  # a batch of a pipeline that has since been replaced
+        self._record_timings(meta, entries)
+        sampled = iter(tokens.tolist())
+        for entry in entries:
+            sequence = entry.sequence
+            sequence.in_flight = False
+            sequence.computed += entry.length
+            if sequence.cancelled:
+                self._retire(sequence)
+            elif entry.sampled:
+                self._accept(sequence, next(sampled))
+        self.metrics.batches_in_flight.set(len(self.in_flight))
+        self.wakeup.set()
+
+    def _accept(self, sequence: Sequence, token: int) -> None:
+        now = time.monotonic()
+        if sequence.first_token_at is None:
+            sequence.first_token_at = now
+            self.metrics.ttft.observe(now - sequence.created)
+        else:
+            self.metrics.inter_token.observe(now - (sequence.last_token_at or now))
+        sequence.last_token_at = now
+        sequence.generated.append(token)
+        self.metrics.generated_tokens.inc()
+        text, stopped = ("", False)
+        if token not in self.eos_ids:
+            text, stopped = sequence.stop.push(sequence.detokenizer.push(token))
+        reason = self._finish_reason(sequence, token, stopped)
+        if reason is not None:
+            if reason == "length":
+                text += sequence.stop.flush()
+            sequence.finish_reason = reason
+            sequence.events.put_nowait(Delta(text, 1, reason))
+            self._retire(sequence)
+        else:
+            sequence.events.put_nowait(Delta(text, 1))
+
+    def _finish_reason(self, sequence: Sequence, token: int, stopped: bool) -> str | None:
+        if stopped or token in self.eos_ids:
+            return "stop"
+        if len(sequence.generated) >= sequence.params.max_tokens:
+            return "length"
+        if sequence.length >= self.settings.max_seq_len:
+            return "length"
+        return None
+
+    def _record_timings(self, meta: dict, entries: list[Entry]) -> None:
+        tokens = sum(entry.length for entry in entries)
+        timings = meta.get("timings", [])
+        for stage, seconds in enumerate(timings if isinstance(timings, list) else []):
+            if isinstance(seconds, (int, float)):
+                self.metrics.stage_step.labels(str(stage)).observe(seconds)
+                self.metrics.stage_batch_tokens.labels(str(stage)).observe(tokens)
+
+    def _retire(self, sequence: Sequence) -> None:
+        """Give the sequence's slot back, here and on every stage."""
+        if sequence in self.running:
+            self.running.remove(sequence)
+        if sequence.slot is not None:
+            self.free_slots.append(sequence.slot)
+            if self.pipeline is not None:
+                self.pipeline.release([(sequence.slot, sequence.request_id)])
+            sequence.slot = None
+        reason = "cancelled" if sequence.cancelled else sequence.finish_reason or "error"
+        self.metrics.requests.labels(reason).inc()
+        self._update_gauges()
+        if self.on_finished is not None:
+            self.on_finished(sequence)
+
+    # -- failures --------------------------------------------------------------------------
+
+    def on_batch_failed(self, batch_id: int, message: str) -> None:
+        """A stage refused or failed a batch: its sequences end with an error."""
+        entries = self.in_flight.pop(batch_id, None) or []
+        for entry in entries:
+            entry.sequence.in_flight = False
+            self._fail(entry.sequence, GenerationFailed(f"a pipeline stage failed: {message}"))
+        self.metrics.batches_in_flight.set(len(self.in_flight))
+        self.wakeup.set()
+
+    def on_pipeline_lost(self, reason: str) -> None:
+        """No route through the model any more: every running sequence ends with an error."""
+        self.pipeline = None
+        self.in_flight.clear()
+        error = Unavailable(f"the pipeline was lost: {reason}")
+        for sequence in list(self.running) + list(self.waiting):
+            sequence.in_flight = False
+            self._fail(sequence, error)
+        self.waiting.clear()
+        self.free_slots = list(range(self.settings.num_slots - 1, -1, -1))
+        self._update_gauges()
+
+    def on_pipeline_ready(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.wakeup.set()
+
+    def _fail(self, sequence: Sequence, error: APIError) -> None:
+        if sequence.finished:
+            return
+        sequence.finish_reason = "error"
+        sequence.events.put_nowait(Delta(error=error))
+        if sequence in self.waiting:
+            self.waiting.remove(sequence)
+        self._retire(sequence)
+
+    def _update_gauges(self) -> None:
+        self.metrics.running.set(len(self.running))
+        self.metrics.waiting.set(len(self.waiting))
+        self.metrics.slots_used.set(self.settings.num_slots - len(self.free_slots))
+
+    def status(self) -> dict:
+        return {
+            "slots": self.settings.num_slots,
+            "slots_used": self.settings.num_slots - len(self.free_slots),
+            "running": [
+                {
+                    "id": s.request_id,
+                    "prompt_tokens": len(s.prompt),
+                    "generated_tokens": len(s.generated),
+                    "ttft": None if s.first_token_at is None else s.first_token_at - s.created,
+                }
+                for s in self.running
+            ],
+            "waiting": len(self.waiting),
+            "batches_in_flight": len(self.in_flight),
+        }

@@ -1,0 +1,3 @@
+from meshpipe.cli import main
+
+main()

@@ -1,0 +1,177 @@
+"""`meshpipe auto`: a whole cluster on this machine, the gateway and N workers as child processes.
+
+Children get SIGTERM if this process dies (PR_SET_PDEATHSIG), and on Ctrl-C or SIGTERM every
+child is stopped and reaped, so no process outlives the cluster.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import httpx
+
+from meshpipe.identity import new_join_token
+from meshpipe.models.catalog import resolve
+
+PR_SET_PDEATHSIG = 1
+STOP_GRACE_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class AutoSettings:
+    model: str
+    stages: int = 2
+    port: int = 9337
+    mesh_port: int = 9338
+    slots: int = 8
+    max_seq_len: int = 2048
+    device: str = "cpu"
+    dtype: str = "float32"
+    ready_timeout: float = 600.0
+
+
+class ClusterFailed(Exception):
+    """A child process died, or the pipeline never answered."""
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _spawn(arguments: list[str], env: dict[str, str]) -> subprocess.Popen:
+    command = [sys.executable, "-m", "meshpipe", *arguments]
+    return subprocess.Popen(command, env=env, preexec_fn=_die_with_parent)
+
+
+class Cluster:
+    """The child processes of one local cluster."""
+
+    def __init__(self, settings: AutoSettings) -> None:
+        self.settings = settings
+        self.children: list[tuple[str, subprocess.Popen]] = []
+        self.url = f"http://127.0.0.1:{settings.port}"
+
+    def start(self, model_path: str, name: str) -> None:
+        s = self.settings
+        env = os.environ | {"MESHPIPE_JOIN_TOKEN": new_join_token(), "PYTHONUNBUFFERED": "1"}
+        gateway = [
+            "gateway",
+            "--model",
+            model_path,
+            "--name",
+            name,
+            "--port",
+            str(s.port),
+            "--mesh-port",
+            str(s.mesh_port),
+            "--stages",
+            str(s.stages),
+            "--slots",
+            str(s.slots),
+            "--max-seq-len",
+            str(s.max_seq_len),
+        ]
+        self.children.append(("gateway", _spawn(gateway, env)))
+        threads = max(1, (os.cpu_count() or 1) // s.stages) if s.device == "cpu" else 0
+        for index in range(s.stages):
+            worker = [
+                "worker",
+                "--gateway",
+                f"127.0.0.1:{s.mesh_port}",
+                "--device",
+                s.device,
+                "--dtype",
+                s.dtype,
+                "--threads",
+                str(threads),
+                "--id",
+                f"worker-{index}",
+            ]
+            self.children.append((f"worker-{index}", _spawn(worker, env)))
+
+    def check_alive(self) -> None:
+        for name, child in self.children:
+            if child.poll() is not None:
+                raise ClusterFailed(f"{name} exited with status {child.returncode}")
+
+    def check_gateway(self) -> None:
+        """Workers may come and go (the gateway re-plans); the gateway may not."""
+        name, gateway = self.children[0]
+        if gateway.poll() is not None:
+            raise ClusterFailed(f"{name} exited with status {gateway.returncode}")
+
+    def wait_ready(self, name: str) -> dict:
+        """Poll until the pipeline answers a real one-token completion; returns /api/status."""
+        deadline = time.monotonic() + self.settings.ready_timeout
+        request = {"model": name, "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
+        with httpx.Client(base_url=self.url, timeout=30) as client:
+            while time.monotonic() < deadline:
+                self.check_alive()
+                try:
+                    if client.get("/health").json().get("ready"):
+                        answer = client.post("/v1/chat/completions", json=request)
+                        if answer.status_code == 200:
+                            return client.get("/api/status").json()
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.25)
+        raise ClusterFailed(f"the pipeline did not answer within {self.settings.ready_timeout}s")
+
+    def stop(self) -> None:
+        """SIGTERM every child, then SIGKILL what is still there after a grace period."""
+        for _, child in self.children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        for _, child in self.children:
+            try:
+                child.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+
+def _print_ready(url: str, status: dict, seconds: float) -> None:
+    print(f"\nmeshpipe is ready after {seconds:.1f}s: {url}/v1  (model {status['model']!r})")
+    for stage in status["stages"]:
+        start, end = stage["layers"]
+        print(
+            f"  stage {stage['index']}: layers [{start}, {end}) on {stage['worker_id']} "
+            f"(pid {stage['pid']}, {stage['device']}, {stage['dtype']}, {stage['address']})"
+        )
+    print(f"  console: {url}/   metrics: {url}/metrics   Ctrl-C stops the cluster\n", flush=True)
+
+
+def run(settings: AutoSettings) -> None:
+    from gateway.server import served_name
+
+    started = time.monotonic()
+    model_dir = resolve(settings.model, True)
+    name = served_name(settings.model, model_dir)
+    cluster = Cluster(settings)
+
+    def terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        cluster.start(str(model_dir), name)
+        _print_ready(cluster.url, cluster.wait_ready(name), time.monotonic() - started)
+        while True:
+            cluster.check_gateway()
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("stopping the cluster", flush=True)
+    except ClusterFailed as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        cluster.stop()

@@ -1,0 +1,188 @@
+"""The `meshpipe` command: one subcommand per process kind, plus the operator's tools."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from meshpipe.models.catalog import ModelError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+TOKEN_ENV = "MESHPIPE_JOIN_TOKEN"
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return host, int(port)
+
+
+def _add_gateway(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("gateway", help="run the HTTP gateway and the mesh's QUIC endpoint")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--name", default="", help="model name served to clients")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (loopback by default)")
+    p.add_argument("--port", type=int, default=9337)
+    p.add_argument("--mesh-host", default="127.0.0.1")
+    p.add_argument("--mesh-port", type=int, default=9338)
+    p.add_argument("--stages", type=int, default=2)
+    p.add_argument("--slots", type=int, default=8, help="KV slots: concurrent sequences")
+    p.add_argument("--max-seq-len", type=int, default=2048, help="context length per slot")
+    p.add_argument("--max-batch-tokens", type=int, default=256)
+    p.add_argument("--max-waiting", type=int, default=64, help="queued requests before 429")
+    p.add_argument("--token", default=None, help=f"join token (default: ${TOKEN_ENV} or kept)")
+
+
+def _add_worker(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("worker", help="run one pipeline stage")
+    p.add_argument("--gateway", type=_host_port, default=("127.0.0.1", 9338))
+    p.add_argument("--join", default=None, help=f"the mesh's join token (or ${TOKEN_ENV})")
+    p.add_argument("--device", choices=["cpu", "cuda", "mps"], default="cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--host", default="127.0.0.1", help="address the previous stage dials")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--id", default="", help="node id (default: random)")
+    p.add_argument("--max-memory", type=int, default=0, help="bytes offered to the planner")
+
+
+def _add_auto(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("auto", help="start a whole local cluster: gateway plus N workers")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--stages", type=int, default=2)
+    p.add_argument("--port", type=int, default=9337)
+    p.add_argument("--mesh-port", type=int, default=9338)
+    p.add_argument("--slots", type=int, default=8)
+    p.add_argument("--max-seq-len", type=int, default=2048)
+    p.add_argument("--device", choices=["cpu", "cuda", "mps"], default="cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--ready-timeout", type=float, default=600.0)
+
+
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="manage the model cache")
+    actions = p.add_subparsers(dest="action", required=True)
+    pull = actions.add_parser("pull", help="fetch and convert a catalog model")
+    pull.add_argument("name")
+    actions.add_parser("list", help="installed models")
+    remove = actions.add_parser("rm", help="remove an installed model")
+    remove.add_argument("name")
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="meshpipe", description=__doc__)
+    root.add_argument("-v", "--verbose", action="store_true")
+    sub = root.add_subparsers(dest="command", required=True)
+    _add_auto(sub)
+    _add_gateway(sub)
+    _add_worker(sub)
+    _add_models(sub)
+    return root
+
+
+def _token(explicit: str | None, create: bool) -> str:
+    token = explicit or os.environ.get(TOKEN_ENV)
+    if token:
+        return token
+    if not create:
+        raise SystemExit(f"error: a join token is required (--join or ${TOKEN_ENV})")
+    from meshpipe import dirs
+    from meshpipe.identity import load_or_create_join_token
+
+    return load_or_create_join_token(dirs.config_dir())
+
+
+def run_gateway(args: argparse.Namespace) -> None:
+    from gateway.server import GatewaySettings, serve
+
+    token = _token(args.token, create=True)
+    print(f"join token: {token}", flush=True)
+    settings = GatewaySettings(
+        model=args.model,
+        token=token,
+        host=args.host,
+        port=args.port,
+        mesh_host=args.mesh_host,
+        mesh_port=args.mesh_port,
+        served_name=args.name,
+        stages=args.stages,
+        num_slots=args.slots,
+        max_seq_len=args.max_seq_len,
+        max_batch_tokens=args.max_batch_tokens,
+        max_waiting=args.max_waiting,
+    )
+    asyncio.run(serve(settings))
+
+
+def run_worker(args: argparse.Namespace) -> None:
+    from worker.node import WorkerNode, WorkerSettings, check_device
+
+    check_device(args.device)
+    settings = WorkerSettings(
+        gateway_host=args.gateway[0],
+        gateway_port=args.gateway[1],
+        token=_token(args.join, create=False),
+        device=args.device,
+        dtype=args.dtype,
+        host=args.host,
+        port=args.port,
+        threads=args.threads,
+        node_id=args.id,
+        max_memory=args.max_memory,
+    )
+    asyncio.run(WorkerNode(settings).run())
+
+
+def run_models(args: argparse.Namespace) -> None:
+    from meshpipe.models import catalog
+
+    if args.action == "pull":
+        print(catalog.pull(args.name, progress=True))
+    elif args.action == "list":
+        for model in catalog.installed():
+            state = "complete" if model["complete"] else "INCOMPLETE"
+            print(f"{model['name']:32} {model['size'] / 1e6:9.1f} MB  {state}  {model['path']}")
+    elif args.action == "rm":
+        if not catalog.remove(args.name):
+            raise ModelError(f"model {args.name!r} is not installed")
+        print(f"removed {args.name}")
+
+
+def run_auto(args: argparse.Namespace) -> None:
+    from meshpipe.auto import AutoSettings, run
+
+    run(
+        AutoSettings(
+            model=args.model,
+            stages=args.stages,
+            port=args.port,
+            mesh_port=args.mesh_port,
+            slots=args.slots,
+            max_seq_len=args.max_seq_len,
+            device=args.device,
+            dtype=args.dtype,
+            ready_timeout=args.ready_timeout,
+        )
+    )
+
+
+COMMANDS = {"gateway": run_gateway, "worker": run_worker, "models": run_models, "auto": run_auto}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    try:
+        COMMANDS[args.command](args)
+    except ModelError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None

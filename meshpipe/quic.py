@@ -1,0 +1,328 @@
+"""QUIC links between meshpipe nodes: configuration, authenticated connections, framed messages.
+
+Every message travels on a stream of its own (header, metadata and tensor bytes, then FIN), so
+frames never interleave and a cut-short frame is detected when its stream ends. The first frame
+a client sends is HELLO, which proves it holds the mesh's join token; a server answers anything
+else, or a wrong proof, with an ERROR frame and closes the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from aioquic.asyncio import QuicConnectionProtocol, connect, serve
+from aioquic.asyncio.server import QuicServer
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamDataReceived, StreamReset
+
+from meshpipe.identity import Identity, certificate_fingerprint, check_proof, join_proof
+from meshpipe.wire import DEFAULT_MAX_PAYLOAD_BYTES, Frame, FrameDecoder, FrameError, Kind
+from meshpipe.wire import error_frame as make_error_frame
+
+ALPN = "meshpipe/1"
+LOOPBACK_DATAGRAM_SIZE = 16000
+# Fits a 1500-byte Ethernet MTU under IPv6 (40) and UDP (8) headers.
+LAN_DATAGRAM_SIZE = 1452
+WINDOW_BYTES = 256 << 20
+STREAM_WINDOW_BYTES = 128 << 20
+IDLE_TIMEOUT = 30.0
+KEEPALIVE_INTERVAL = 5.0
+HELLO_TIMEOUT = 10.0
+
+log = logging.getLogger(__name__)
+
+
+class JoinRefused(Exception):
+    """The peer refused our HELLO, or never answered it."""
+
+
+class FrameHandler(Protocol):
+    """What a node does with the frames of its authenticated connections."""
+
+    def on_frame(self, connection: MeshConnection, frame: Frame) -> None: ...
+
+    def on_closed(self, connection: MeshConnection) -> None: ...
+
+
+@dataclass(frozen=True)
+class LinkSettings:
+    """The tuned parameters of a link."""
+
+    max_datagram_size: int
+    max_payload: int = DEFAULT_MAX_PAYLOAD_BYTES
+
+
+def datagram_size_for(host: str) -> int:
+    """Large datagrams on loopback (no MTU there), Ethernet-safe ones elsewhere."""
+    try:
+        return (
+            LOOPBACK_DATAGRAM_SIZE if ipaddress.ip_address(host).is_loopback else LAN_DATAGRAM_SIZE
+        )
+    except ValueError:
+        return LOOPBACK_DATAGRAM_SIZE if host == "localhost" else LAN_DATAGRAM_SIZE
+
+
+def configuration(is_client: bool, identity: Identity, max_datagram_size: int) -> QuicConfiguration:
+    """A QUIC configuration with meshpipe's ALPN, windows and certificate."""
+    config = QuicConfiguration(
+        alpn_protocols=[ALPN],
+        is_client=is_client,
+        max_datagram_size=max_datagram_size,
+        max_data=WINDOW_BYTES,
+        max_stream_data=STREAM_WINDOW_BYTES,
+        idle_timeout=IDLE_TIMEOUT,
+    )
+    config.load_cert_chain(str(identity.certificate), str(identity.private_key))
+    if is_client:
+        # Peers use self-signed certificates; trust comes from the join-token proof, which is
+        # bound to the server's certificate fingerprint.
+        import ssl
+
+        config.verify_mode = ssl.CERT_NONE
+    return config
+
+
+class MeshConnection(QuicConnectionProtocol):
+    """One QUIC connection carrying meshpipe frames, one stream per frame."""
+
+    def __init__(self, *args: Any, handler: FrameHandler, token: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.handler = handler
+        self.token = token
+        self.authenticated = False
+        self.peer: dict[str, Any] = {}
+        self.max_payload = DEFAULT_MAX_PAYLOAD_BYTES
+        self._decoders: dict[int, FrameDecoder | None] = {}
+        self._welcome: asyncio.Future[Frame] | None = None
+        self._keepalive: asyncio.Task[None] | None = None
+        self._closed_reported = False
+        self._drained = asyncio.Event()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def send(self, frame: Frame) -> None:
+        """Queue a frame on a new stream and transmit."""
+        self.queue(frame)
+        self.transmit()
+
+    def queue(self, frame: Frame) -> None:
+        """Queue a frame without transmitting (call transmit() once after a batch of sends)."""
+        head, payload = frame.header_and_meta()
+        stream_id = self._quic.get_next_available_stream_id()
+        if payload is None:
+            self._quic.send_stream_data(stream_id, head, end_stream=True)
+        else:
+            self._quic.send_stream_data(stream_id, head, end_stream=False)
+            self._quic.send_stream_data(stream_id, payload, end_stream=True)
+        self.bytes_sent += len(head) + (0 if payload is None else payload.nbytes)
+
+    def buffered_bytes(self) -> int:
+        """Bytes queued on this connection that the peer has not acknowledged yet."""
+        total = 0
+        for stream in self._quic._streams.values():
+            sender = stream.sender
+            total += sender._buffer_stop - sender._buffer_start
+        return total
+
+    async def drain(self, limit: int) -> None:
+        """Wait until at most `limit` bytes are in flight: aioquic does not bound its buffers."""
+        while self.buffered_bytes() > limit and not self._closed_reported:
+            self._drained.clear()
+            await self._drained.wait()
+
+    # -- receiving -------------------------------------------------------------------------
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        super().datagram_received(data, addr)
+        self._drained.set()
+
+    def quic_event_received(self, event: QuicEvent) -> None:
+        if isinstance(event, StreamDataReceived):
+            self.bytes_received += len(event.data)
+            self._stream_data(event.stream_id, event.data, event.end_stream)
+        elif isinstance(event, StreamReset):
+            self._decoders.pop(event.stream_id, None)
+        elif isinstance(event, ConnectionTerminated):
+            self._report_closed()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._report_closed()
+
+    def _stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
+        if stream_id not in self._decoders:
+            self._decoders[stream_id] = FrameDecoder(self.max_payload)
+        decoder = self._decoders[stream_id]
+        if decoder is None:  # a stream already refused: ignore the rest of it
+            if end_stream:
+                del self._decoders[stream_id]
+            return
+        try:
+            frames = decoder.feed(data)
+            if end_stream:
+                decoder.finish()
+                del self._decoders[stream_id]
+        except FrameError as error:
+            self._refuse(stream_id, error, end_stream)
+            return
+        for frame in frames:
+            self._dispatch(frame)
+
+    def _refuse(self, stream_id: int, error: FrameError, end_stream: bool) -> None:
+        log.warning("refused a frame from %s: %s", self.peer.get("node_id", "?"), error)
+        if end_stream:
+            self._decoders.pop(stream_id, None)
+        else:
+            self._decoders[stream_id] = None
+        self.send(make_error_frame(error.code, str(error)))
+        if not self.authenticated:
+            self.close(error_code=0x100, reason_phrase="unauthenticated")
+
+    def _dispatch(self, frame: Frame) -> None:
+        if self._welcome is not None and not self._welcome.done():
+            self._welcome.set_result(frame)
+            return
+        if not self.authenticated:
+            self._authenticate(frame)
+            return
+        if frame.kind == Kind.HEARTBEAT and frame.meta.get("ping"):
+            self.send(Frame(Kind.HEARTBEAT, frame.message_id, {"pong": True}))
+        try:
+            self.handler.on_frame(self, frame)
+        except FrameError as error:
+            self.send(make_error_frame(error.code, str(error), frame.message_id))
+
+    # -- authentication --------------------------------------------------------------------
+
+    def _own_fingerprint(self) -> str:
+        return certificate_fingerprint(self._quic.configuration.certificate)
+
+    def _authenticate(self, frame: Frame) -> None:
+        """Server side: accept a HELLO carrying a valid proof, refuse anything else."""
+        meta = frame.meta
+        valid = (
+            frame.kind == Kind.HELLO
+            and isinstance(meta.get("nonce"), str)
+            and isinstance(meta.get("proof"), str)
+            and check_proof(self.token, self._own_fingerprint(), meta["nonce"], meta["proof"])
+        )
+        if not valid:
+            log.warning("refused a peer without a valid join token")
+            self.send(make_error_frame("unauthorized", "a valid join token is required"))
+            self.close(error_code=0x101, reason_phrase="unauthorized")
+            return
+        self.authenticated = True
+        self.peer = {key: value for key, value in meta.items() if key not in ("nonce", "proof")}
+        self.send(Frame(Kind.WELCOME))
+        self._start_keepalive()
+        self.handler.on_frame(self, frame)
+
+    async def hello(self, node: dict[str, Any]) -> dict[str, Any]:
+        """Client side: prove the join token; returns the WELCOME's metadata."""
+        peer_certificate = self._quic.tls._peer_certificate
+        if peer_certificate is None:
+            raise JoinRefused("the peer presented no certificate")
+        nonce = secrets.token_hex(16)
+        proof = join_proof(self.token, certificate_fingerprint(peer_certificate), nonce)
+        self._welcome = asyncio.get_running_loop().create_future()
+        self.send(Frame(Kind.HELLO, 0, {**node, "nonce": nonce, "proof": proof}))
+        try:
+            answer = await asyncio.wait_for(asyncio.shield(self._welcome), HELLO_TIMEOUT)
+        except TimeoutError:
+            raise JoinRefused("no answer to HELLO") from None
+        if answer.kind != Kind.WELCOME:
+            raise JoinRefused(answer.meta.get("message", f"refused ({answer.kind.name})"))
+        self.authenticated = True
+        self._start_keepalive()
+        return answer.meta
+
+    # -- life ------------------------------------------------------------------------------
+
+    def _start_keepalive(self) -> None:
+        self._keepalive = asyncio.get_running_loop().create_task(self._ping_forever())
+
+    async def _ping_forever(self) -> None:
+        with contextlib.suppress(ConnectionError):
+            while not self._closed_reported:
+                await asyncio.sleep(KEEPALIVE_INTERVAL)
+                self._quic.send_ping(0)
+                self.transmit()
+
+    def _report_closed(self) -> None:
+        if self._closed_reported:
+            return
+        self._closed_reported = True
+        self._drained.set()
+        if self._welcome is not None and not self._welcome.done():
+            self._welcome.set_result(make_error_frame("closed", "connection closed"))
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+        if self.authenticated:
+            self.handler.on_closed(self)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed_reported
+
+
+def connection_factory(handler: FrameHandler, token: str) -> Callable[..., MeshConnection]:
+    def create(*args: Any, **kwargs: Any) -> MeshConnection:
+        return MeshConnection(*args, handler=handler, token=token, **kwargs)
+
+    return create
+
+
+async def listen(
+    host: str, port: int, identity: Identity, handler: FrameHandler, token: str
+) -> QuicServer:
+    """Accept authenticated meshpipe connections on UDP host:port (port 0 picks one)."""
+    config = configuration(False, identity, datagram_size_for(host))
+    return await serve(
+        host, port, configuration=config, create_protocol=connection_factory(handler, token)
+    )
+
+
+def bound_port(server: QuicServer) -> int:
+    return server._transport.get_extra_info("sockname")[1]
+
+
+class Dialer:
+    """Opens client connections and keeps them until close()."""
+
+    def __init__(self, identity: Identity, token: str) -> None:
+        self.identity = identity
+        self.token = token
+        self._stack = contextlib.AsyncExitStack()
+
+    async def dial(
+        self, host: str, port: int, handler: FrameHandler, node: dict[str, Any]
+    ) -> MeshConnection:
+        """Connect to host:port, prove the join token, and return the open connection."""
+        config = configuration(True, self.identity, datagram_size_for(host))
+        connection = await asyncio.wait_for(
+            self._stack.enter_async_context(
+                connect(
+                    host,
+                    port,
+                    configuration=config,
+                    create_protocol=connection_factory(handler, self.token),
+                )
+            ),
+            HELLO_TIMEOUT,
+        )
+        assert isinstance(connection, MeshConnection)
+        await connection.hello(node)
+        return connection
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._stack.aclose()

@@ -1,0 +1,234 @@
+"""The binary frame: a fixed header, a small JSON metadata block, then raw tensor bytes.
+
+Layout (little-endian), 48 bytes:
+
+    magic 4s | version B | kind B | dtype B | rank B | flags H | reserved H
+    message_id Q | meta_length I | shape 4I | payload_length Q
+
+The decoder checks every field against limits before it buffers or allocates anything, so a
+frame from the network can be refused with a typed error but never crash the process.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+MAGIC = b"MPIP"
+VERSION = 1
+HEADER = struct.Struct("<4sBBBBHHQI4IQ")
+MAX_RANK = 4
+MAX_META_BYTES = 1 << 20
+DEFAULT_MAX_PAYLOAD_BYTES = 1 << 30
+
+
+class Kind(enum.IntEnum):
+    """What a frame carries."""
+
+    HELLO = 1  # proof of the join token, first frame of every connection
+    WELCOME = 2  # the peer accepted our HELLO
+    REGISTER = 3  # a worker describes itself to the gateway
+    ASSIGN = 4  # the gateway gives a worker its model, layers and next hop
+    READY = 5  # a worker has loaded its assignment
+    BATCH = 6  # token ids (first stage) or hidden states, with the batch layout
+    TOKENS = 7  # sampled token ids from the last stage
+    RELEASE = 8  # KV slots no longer in use
+    HEARTBEAT = 9
+    ERROR = 10
+    ECHO = 11  # transport benchmark: sent back unchanged
+    STATUS = 12  # a worker's live figures
+
+
+class DType(enum.IntEnum):
+    """Tensor element types on the wire."""
+
+    NONE = 0
+    FLOAT32 = 1
+    FLOAT16 = 2
+    BFLOAT16 = 3
+    INT64 = 4
+    INT32 = 5
+    UINT8 = 6
+
+
+TORCH_DTYPES: dict[DType, torch.dtype] = {
+    DType.FLOAT32: torch.float32,
+    DType.FLOAT16: torch.float16,
+    DType.BFLOAT16: torch.bfloat16,
+    DType.INT64: torch.int64,
+    DType.INT32: torch.int32,
+    DType.UINT8: torch.uint8,
+}
+WIRE_DTYPES = {value: key for key, value in TORCH_DTYPES.items()}
+ITEM_SIZES = {DType.NONE: 0} | {key: value.itemsize for key, value in TORCH_DTYPES.items()}
+
+
+class FrameError(Exception):
+    """A frame that cannot be accepted; `code` names the reason for the peer."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One decoded message."""
+
+    kind: Kind
+    message_id: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+    tensor: torch.Tensor | None = None
+
+    def header_and_meta(self) -> tuple[bytes, memoryview | None]:
+        """The header plus metadata bytes, and a view of the tensor bytes (no copy)."""
+        meta = json.dumps(self.meta, separators=(",", ":")).encode() if self.meta else b""
+        if self.tensor is None:
+            return _header(self.kind, DType.NONE, (), self.message_id, len(meta), 0) + meta, None
+        tensor = self.tensor.detach()
+        if tensor.device.type != "cpu":
+            tensor = tensor.cpu()
+        tensor = tensor.contiguous()
+        dtype = WIRE_DTYPES.get(tensor.dtype)
+        if dtype is None:
+            raise ValueError(f"dtype {tensor.dtype} cannot travel")
+        shape = tuple(tensor.shape)
+        # bfloat16 has no numpy type: view the raw bytes instead.
+        payload = memoryview(tensor.view(torch.uint8).numpy()).cast("B")
+        header = _header(self.kind, dtype, shape, self.message_id, len(meta), payload.nbytes)
+        return header + meta, payload
+
+    def encode(self) -> bytes:
+        """The whole frame as one bytes object (copies the tensor; tests and small frames)."""
+        head, payload = self.header_and_meta()
+        return head if payload is None else head + payload.tobytes()
+
+
+def _header(
+    kind: Kind, dtype: DType, shape: tuple[int, ...], message_id: int, meta_length: int, size: int
+) -> bytes:
+    if len(shape) > MAX_RANK:
+        raise ValueError(f"rank {len(shape)} > {MAX_RANK}")
+    dims = list(shape) + [0] * (MAX_RANK - len(shape))
+    return HEADER.pack(
+        MAGIC, VERSION, kind, dtype, len(shape), 0, 0, message_id, meta_length, *dims, size
+    )
+
+
+@dataclass(frozen=True)
+class _Header:
+    kind: Kind
+    dtype: DType
+    shape: tuple[int, ...]
+    message_id: int
+    meta_length: int
+    payload_length: int
+
+    @property
+    def body_length(self) -> int:
+        return self.meta_length + self.payload_length
+
+
+def parse_header(data: bytes | memoryview, max_payload: int) -> _Header:
+    """Validate a header; raise FrameError naming the first field that is wrong."""
+    magic, version, kind, dtype, rank, _flags, _reserved, message_id, meta_length, *rest = (
+        HEADER.unpack(data)
+    )
+    dims, payload_length = rest[:MAX_RANK], rest[MAX_RANK]
+    if magic != MAGIC:
+        raise FrameError("bad_magic", f"bad magic {magic!r}")
+    if version != VERSION:
+        raise FrameError("bad_version", f"unsupported version {version}")
+    if kind not in Kind._value2member_map_:
+        raise FrameError("bad_kind", f"unknown frame kind {kind}")
+    if dtype not in DType._value2member_map_:
+        raise FrameError("bad_dtype", f"unknown dtype {dtype}")
+    if rank > MAX_RANK:
+        raise FrameError("bad_rank", f"rank {rank} > {MAX_RANK}")
+    if any(dims[rank:]):
+        raise FrameError("bad_shape", "dimensions beyond the rank must be zero")
+    if meta_length > MAX_META_BYTES:
+        raise FrameError("too_large", f"metadata of {meta_length} bytes > {MAX_META_BYTES}")
+    if payload_length > max_payload:
+        raise FrameError("too_large", f"payload of {payload_length} bytes > {max_payload}")
+    shape = tuple(dims[:rank])
+    expected = int(np.prod(shape, dtype=np.uint64)) * ITEM_SIZES[DType(dtype)] if rank else 0
+    if dtype == DType.NONE and (rank or payload_length):
+        raise FrameError("bad_shape", "a frame without dtype carries no tensor")
+    if expected != payload_length:
+        raise FrameError(
+            "bad_length", f"shape {shape} needs {expected} bytes, got {payload_length}"
+        )
+    return _Header(Kind(kind), DType(dtype), shape, message_id, meta_length, payload_length)
+
+
+def _decode_body(header: _Header, body: memoryview) -> Frame:
+    meta: dict[str, Any] = {}
+    if header.meta_length:
+        try:
+            meta = json.loads(bytes(body[: header.meta_length]))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise FrameError("bad_meta", f"metadata is not JSON: {error}") from None
+        if not isinstance(meta, dict):
+            raise FrameError("bad_meta", "metadata must be a JSON object")
+    tensor = None
+    if header.dtype != DType.NONE:
+        raw = body[header.meta_length :]
+        tensor = torch.frombuffer(raw, dtype=TORCH_DTYPES[header.dtype]) if len(raw) else None
+        if tensor is None:
+            tensor = torch.empty(0, dtype=TORCH_DTYPES[header.dtype])
+        tensor = tensor.view(header.shape)
+    return Frame(header.kind, header.message_id, meta, tensor)
+
+
+class FrameDecoder:
+    """Reassembles frames from the chunks of one stream (chunks split and merge frames)."""
+
+    def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD_BYTES) -> None:
+        self.max_payload = max_payload
+        self._buffer = bytearray()
+        self._header: _Header | None = None
+        self._body: bytearray | None = None
+        self._filled = 0
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """Take the next chunk; return the frames it completes. Raises FrameError."""
+        frames: list[Frame] = []
+        view = memoryview(data)
+        while view:
+            if self._header is None:
+                take = min(HEADER.size - len(self._buffer), len(view))
+                self._buffer += view[:take]
+                view = view[take:]
+                if len(self._buffer) < HEADER.size:
+                    break
+                self._header = parse_header(bytes(self._buffer), self.max_payload)
+                self._buffer.clear()
+                # Allocated once, at its validated size, and filled in place.
+                self._body = bytearray(self._header.body_length)
+                self._filled = 0
+            assert self._body is not None
+            take = min(len(self._body) - self._filled, len(view))
+            self._body[self._filled : self._filled + take] = view[:take]
+            self._filled += take
+            view = view[take:]
+            if self._filled == len(self._body):
+                frames.append(_decode_body(self._header, memoryview(self._body)))
+                self._header, self._body = None, None
+        return frames
+
+    def finish(self) -> None:
+        """The stream ended: raise FrameError if a frame was cut short."""
+        if self._buffer or self._header is not None:
+            raise FrameError("truncated", "stream ended inside a frame")
+
+
+def error_frame(code: str, message: str, message_id: int = 0) -> Frame:
+    """The frame that answers a refused one."""
+    return Frame(Kind.ERROR, message_id, {"code": code, "message": message})

@@ -1,0 +1,77 @@
+"""Session fixtures: an isolated MESHPIPE_HOME, the real default model, a tiny random Llama."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.cluster import Cluster, start_auto
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every process the tests start keeps its files here, never in the user's dirs."""
+    path = tmp_path_factory.mktemp("meshpipe-home")
+    os.environ["MESHPIPE_HOME"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def default_model(home: Path) -> Path:
+    """SmolLM2-135M-Instruct, pulled and converted once per session (or reused from
+    $MESHPIPE_TEST_MODEL_DIR to save minutes when iterating locally)."""
+    reuse = os.environ.get("MESHPIPE_TEST_MODEL_DIR")
+    if reuse:
+        return Path(reuse)
+    from meshpipe.models.catalog import pull
+
+    return pull(DEFAULT_MODEL, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 4-layer Llama with GQA and the default model's tokenizer, saved by transformers."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.5)  # large weights: confident, well-separated logits
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_model / name, path / name)
+    config_json = json.loads((path / "config.json").read_text())
+    assert config_json["num_hidden_layers"] == 4
+    return path
+
+
+@pytest.fixture(scope="session")
+def cluster(default_model: Path) -> Iterator[Cluster]:
+    """`meshpipe auto` on the default model, two stages, shared by the API tests."""
+    running = start_auto(default_model, 2)
+    yield running
+    running.process.stop()

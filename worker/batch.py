@@ -1,0 +1,120 @@
+"""A micro-batch as it travels between stages: validated layout, no I/O.
+
+Metadata of a BATCH frame:
+    spans:  [[slot, start, length], ...]   the sequences, laid end to end in the tensor
+    sample: [[span_index, temperature, top_p, top_k, seed], ...]   spans whose last token
+            yields a new token on the last stage
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from meshpipe.wire import Frame, FrameError, Kind
+from worker.model import Span, StagePlan
+from worker.sampling import SamplingParams
+
+MAX_SPANS = 4096
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A validated micro-batch."""
+
+    batch_id: int
+    spans: list[Span]
+    sample_spans: list[int]
+    sampling: list[SamplingParams]
+    inputs: Tensor
+    meta: dict
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(span.length for span in self.spans)
+
+    def sample_rows(self) -> list[int]:
+        """Row of the last token of each sampled span."""
+        ends, total = [], 0
+        for span in self.spans:
+            total += span.length
+            ends.append(total - 1)
+        return [ends[index] for index in self.sample_spans]
+
+    def forward_frame(self, hidden: Tensor) -> Frame:
+        """The frame that carries this batch's hidden states to the next stage."""
+        return Frame(Kind.BATCH, self.batch_id, self.meta, hidden)
+
+
+def _int_list(value: object, length: int, what: str) -> list[int]:
+    if not (isinstance(value, list) and len(value) == length):
+        raise FrameError("bad_batch", f"{what} must be a list of {length}")
+    if not all(isinstance(item, int) and not isinstance(item, bool) for item in value):
+        raise FrameError("bad_batch", f"{what} must hold integers")
+    return value
+
+
+def parse_spans(meta: dict, plan: StagePlan) -> list[Span]:
+    raw = meta.get("spans")
+    if not isinstance(raw, list) or not 0 < len(raw) <= MAX_SPANS:
+        raise FrameError("bad_batch", f"spans must be a list of 1..{MAX_SPANS}")
+    spans = []
+    for entry in raw:
+        slot, start, length = _int_list(entry, 3, "a span")
+        if not 0 <= slot < plan.num_slots:
+            raise FrameError("bad_batch", f"slot {slot} outside 0..{plan.num_slots - 1}")
+        if start < 0 or length < 1 or start + length > plan.max_seq_len:
+            raise FrameError("bad_batch", f"span [{start}, {start + length}) outside the context")
+        spans.append(Span(slot, start, length))
+    if len({span.slot for span in spans}) != len(spans):
+        raise FrameError("bad_batch", "a slot appears twice in one batch")
+    return spans
+
+
+def parse_sampling(meta: dict, num_spans: int) -> tuple[list[int], list[SamplingParams]]:
+    raw = meta.get("sample", [])
+    if not isinstance(raw, list):
+        raise FrameError("bad_batch", "sample must be a list")
+    indices, params = [], []
+    for entry in raw:
+        if not (isinstance(entry, list) and len(entry) == 5):
+            raise FrameError(
+                "bad_batch", "a sample entry is [span, temperature, top_p, top_k, seed]"
+            )
+        index = entry[0]
+        if not isinstance(index, int) or not 0 <= index < num_spans:
+            raise FrameError("bad_batch", f"sample span {index} does not exist")
+        try:
+            param = SamplingParams.from_wire(entry[1:])
+        except (TypeError, ValueError):
+            raise FrameError("bad_batch", "sampling values must be numbers") from None
+        if not (0 <= param.temperature <= 100 and 0 < param.top_p <= 1 and param.top_k >= 0):
+            raise FrameError("bad_batch", "sampling values out of range")
+        indices.append(index)
+        params.append(param)
+    return indices, params
+
+
+def parse_batch(
+    frame: Frame, plan: StagePlan, hidden_size: int, vocab_size: int, dtype: torch.dtype
+) -> Batch:
+    """Check a BATCH frame against this stage; raise FrameError on anything inconsistent."""
+    spans = parse_spans(frame.meta, plan)
+    sample_spans, sampling = parse_sampling(frame.meta, len(spans))
+    tokens = sum(span.length for span in spans)
+    tensor = frame.tensor
+    if tensor is None:
+        raise FrameError("bad_batch", "a batch carries a tensor")
+    if plan.is_first:
+        if tensor.dtype != torch.int64 or tuple(tensor.shape) != (tokens,):
+            raise FrameError("bad_batch", f"the first stage takes int64 ids [{tokens}]")
+        if tokens and (int(tensor.min()) < 0 or int(tensor.max()) >= vocab_size):
+            raise FrameError("bad_batch", f"token ids must lie in [0, {vocab_size})")
+    elif tensor.dtype != dtype or tuple(tensor.shape) != (tokens, hidden_size):
+        raise FrameError(
+            "bad_batch",
+            f"expected {dtype} [{tokens}, {hidden_size}], got {tensor.dtype} {list(tensor.shape)}",
+        )
+    return Batch(frame.message_id, spans, sample_spans, sampling, tensor, frame.meta)

@@ -1,0 +1,302 @@
+"""One pipeline stage of a Llama-family decoder: layers [start, end) and their KV cache.
+
+In the spirit of gpt-fast: plain modules named after the checkpoint, a KV cache allocated once
+and updated in place. A step takes a packed batch: the tokens of several sequences laid end to
+end (`[T]` ids on the first stage, `[T, D]` hidden states after it), each sequence a run of
+consecutive positions in its own KV slot.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import Tensor, nn
+
+from meshpipe.models.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class Span:
+    """A run of `length` tokens of one sequence, at positions [start, start + length)."""
+
+    slot: int
+    start: int
+    length: int
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """Which part of the model a stage holds, and how its KV cache is sized."""
+
+    layer_start: int
+    layer_end: int
+    num_layers: int
+    num_slots: int
+    max_seq_len: int
+
+    @property
+    def is_first(self) -> bool:
+        return self.layer_start == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.layer_end == self.num_layers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class KVCache(nn.Module):
+    """Keys and values of one layer for every slot: `[slots, kv_heads, max_seq_len, head_dim]`."""
+
+    def __init__(self, slots: int, kv_heads: int, max_seq_len: int, head_dim: int, dtype) -> None:
+        super().__init__()
+        shape = (slots, kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def update(self, slots: Tensor, positions: Tensor, k: Tensor, v: Tensor) -> None:
+        """Write `k`, `v` `[T, kv_heads, head_dim]` at (slot, position) of each token."""
+        self.k_cache[slots, :, positions] = k
+        self.v_cache[slots, :, positions] = v
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        heads, kv_heads, head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(heads * head_dim, config.hidden_size, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: Tensor, step: StepInputs) -> Tensor:
+        tokens = x.shape[0]
+        config = self.config
+        q = self.q_proj(x).view(tokens, config.num_heads, config.head_dim)
+        k = self.k_proj(x).view(tokens, config.num_kv_heads, config.head_dim)
+        v = self.v_proj(x).view(tokens, config.num_kv_heads, config.head_dim)
+        q, k = apply_rotary(q, step.cos, step.sin), apply_rotary(k, step.cos, step.sin)
+        assert self.kv_cache is not None
+        self.kv_cache.update(step.slots, step.positions, k, v)
+        out = torch.empty_like(q)  # [T, H, hd]
+        if step.decode_rows is not None:
+            out[step.decode_rows] = self._decode(q[step.decode_rows], step)
+        for span, rows in step.prefill:
+            out[rows] = self._prefill(q[rows], span)
+        return self.o_proj(out.view(tokens, -1))
+
+    def _decode(self, q: Tensor, step: StepInputs) -> Tensor:
+        """One new token for each of B sequences, attended in one batched call."""
+        assert self.kv_cache is not None and step.decode_mask is not None
+        length = step.decode_mask.shape[-1]
+        keys = self.kv_cache.k_cache[step.decode_slots, :, :length]  # [B, kvh, L, hd]
+        values = self.kv_cache.v_cache[step.decode_slots, :, :length]
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(2), keys, values, attn_mask=step.decode_mask, enable_gqa=True
+        )  # [B, H, 1, hd]
+        return out.squeeze(2)
+
+    def _prefill(self, q: Tensor, span: Span) -> Tensor:
+        """A chunk of one sequence's prompt, attending to its cached prefix and itself."""
+        assert self.kv_cache is not None
+        end = span.start + span.length
+        keys = self.kv_cache.k_cache[span.slot, :, :end].unsqueeze(0)  # [1, kvh, end, hd]
+        values = self.kv_cache.v_cache[span.slot, :, :end].unsqueeze(0)
+        query = q.transpose(0, 1).unsqueeze(0)  # [1, H, n, hd]
+        mask = None
+        if span.length > 1:
+            rows = torch.arange(span.start, end, device=q.device).unsqueeze(1)
+            mask = torch.arange(end, device=q.device).unsqueeze(0) <= rows  # [n, end]
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, enable_gqa=True)
+        return out.squeeze(0).transpose(0, 1)  # [n, H, hd]
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = FeedForward(config)
+
+    def forward(self, x: Tensor, step: StepInputs) -> Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), step)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def rope_frequencies(config: ModelConfig) -> Tensor:
+    """Inverse frequencies of the rotary embedding, with Llama 3 scaling when configured."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = config.rope_scaling or {}
+    if scaling.get("rope_type", scaling.get("type")) == "llama3":
+        inv_freq = _llama3_scaling(inv_freq, scaling)
+    return inv_freq.float()
+
+
+def _llama3_scaling(inv_freq: Tensor, scaling: dict) -> Tensor:
+    factor = scaling["factor"]
+    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    old_context = scaling["original_max_position_embeddings"]
+    wavelength = 2 * math.pi / inv_freq
+    smooth = (old_context / wavelength - low) / (high - low)
+    smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = torch.where(wavelength > old_context / low, inv_freq / factor, inv_freq)
+    middle = (wavelength >= old_context / high) & (wavelength <= old_context / low)
+    return torch.where(middle, smoothed, scaled)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate `x` `[T, heads, hd]` by the angles of each token (half-split layout, as in HF)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)).to(x.dtype)
+
+
+@dataclass
+class StepInputs:
+    """What every layer of one step needs, computed once per step."""
+
+    slots: Tensor  # [T] KV slot of each token
+    positions: Tensor  # [T] position of each token
+    cos: Tensor  # [T, hd]
+    sin: Tensor  # [T, hd]
+    decode_rows: Tensor | None  # rows of single-token sequences
+    decode_slots: Tensor | None  # [B]
+    decode_mask: Tensor | None  # [B, 1, 1, L] True where a key may be attended
+    prefill: list[tuple[Span, slice]]  # multi-token spans and their rows
+
+
+class Stage(nn.Module):
+    """Layers [start, end) of the model; the embedding on the first stage, the head on the last."""
+
+    def __init__(self, config: ModelConfig, plan: StagePlan) -> None:
+        super().__init__()
+        self.config, self.plan = config, plan
+        if plan.is_first:
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config) for _ in range(plan.layer_start, plan.layer_end)
+        )
+        if plan.is_last:
+            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
+
+    def reset_rope(self) -> None:
+        """Recompute the rotary frequencies (after building on the meta device), in fp32."""
+        device = self.layers[0].input_layernorm.weight.device if self.layers else "cpu"
+        self.inv_freq = rope_frequencies(self.config).to(device)
+
+    def allocate_cache(self, dtype: torch.dtype) -> None:
+        """Allocate the KV cache once, for every slot and the whole context."""
+        config, plan = self.config, self.plan
+        device = self.inv_freq.device
+        for layer in self.layers:
+            cache = KVCache(
+                plan.num_slots, config.num_kv_heads, plan.max_seq_len, config.head_dim, dtype
+            )
+            layer.self_attn.kv_cache = cache.to(device)
+
+    def step_inputs(self, spans: list[Span]) -> StepInputs:
+        device = self.inv_freq.device
+        slots = torch.tensor([s.slot for s in spans for _ in range(s.length)], device=device)
+        positions = torch.cat([torch.arange(s.start, s.start + s.length) for s in spans]).to(device)
+        angles = positions.float().unsqueeze(1) * self.inv_freq.unsqueeze(0)
+        angles = torch.cat((angles, angles), dim=-1)  # [T, hd]
+        decode, prefill, row = [], [], 0
+        for span in spans:
+            if span.length == 1:
+                decode.append((row, span))
+            else:
+                prefill.append((span, slice(row, row + span.length)))
+            row += span.length
+        inputs = StepInputs(slots, positions, angles.cos(), angles.sin(), None, None, None, prefill)
+        if decode:
+            rows = torch.tensor([r for r, _ in decode], device=device)
+            ends = torch.tensor([s.start for _, s in decode], device=device)
+            length = int(ends.max()) + 1
+            mask = torch.arange(length, device=device).unsqueeze(0) <= ends.unsqueeze(1)
+            inputs.decode_rows = rows
+            inputs.decode_slots = torch.tensor([s.slot for _, s in decode], device=device)
+            inputs.decode_mask = mask[:, None, None, :]
+        return inputs
+
+    @torch.inference_mode()
+    def forward(self, inputs: Tensor, spans: list[Span], sample_rows: list[int]) -> Tensor:
+        """Run the stage: hidden states `[T, D]` out, or on the last stage the logits
+        `[len(sample_rows), V]` of the chosen rows."""
+        step = self.step_inputs(spans)
+        x = self.embed_tokens(inputs) if self.plan.is_first else inputs
+        for layer in self.layers:
+            x = layer(x, step)
+        if not self.plan.is_last:
+            return x
+        x = x[torch.tensor(sample_rows, dtype=torch.long, device=x.device)]
+        return self.lm_head(self.norm(x)).float()
+
+    def load(self, model_dir: Path) -> None:
+        """Read only this stage's tensors from the model's safetensors files."""
+        wanted = self._checkpoint_names()
+        found: dict[str, Tensor] = {}
+        for path in sorted(model_dir.glob("*.safetensors")):
+            with safe_open(str(path), framework="pt") as file:
+                for name in file.keys():  # noqa: SIM118 - safe_open is not a dict
+                    if name in wanted:
+                        found[wanted[name]] = file.get_tensor(name)
+        if self.plan.is_last and "lm_head.weight" not in found and self.config.tie_word_embeddings:
+            found["lm_head.weight"] = self._tied_embedding(model_dir)
+        missing = set(self.state_dict()) - set(found) - {"inv_freq"}
+        if missing:
+            raise ValueError(f"{model_dir} lacks tensors: {sorted(missing)[:4]}")
+        self.load_state_dict(found, strict=False)
+
+    def _checkpoint_names(self) -> dict[str, str]:
+        """Checkpoint name -> this module's parameter name, for this stage's tensors only."""
+        names: dict[str, str] = {}
+        for own in self.state_dict():
+            if own.startswith("layers."):
+                index, rest = own.split(".", 2)[1:]
+                names[f"model.layers.{int(index) + self.plan.layer_start}.{rest}"] = own
+            elif own == "lm_head.weight":
+                names[own] = own
+            else:
+                names[f"model.{own}"] = own
+        return names
+
+    def _tied_embedding(self, model_dir: Path) -> Tensor:
+        for path in sorted(model_dir.glob("*.safetensors")):
+            with safe_open(str(path), framework="pt") as file:
+                if "model.embed_tokens.weight" in file.keys():  # noqa: SIM118
+                    return file.get_tensor("model.embed_tokens.weight")
+        raise ValueError(f"{model_dir} has no embedding to tie the head to")

@@ -1,0 +1,266 @@
+"""The worker process: joins the gateway, loads its assigned layers, runs batches as they come.
+
+Links: the worker dials the gateway (control, and for the first stage the token batches in,
+for the last stage the sampled tokens out); it listens for the previous stage and dials the
+next one. Compute runs on one thread of its own, never on the event loop, so QUIC's ACKs and
+timers keep their pace while a forward pass runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from meshpipe import dirs
+from meshpipe.identity import load_or_create_identity
+from meshpipe.models.catalog import resolve
+from meshpipe.models.config import ModelConfig
+from meshpipe.quic import Dialer, MeshConnection, bound_port, listen
+from meshpipe.wire import Frame, FrameError, Kind, error_frame
+from worker.batch import Batch, parse_batch
+from worker.model import Stage, StagePlan
+from worker.sampling import sample
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SEND_WINDOW_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Everything a worker process is told on its command line."""
+
+    gateway_host: str
+    gateway_port: int
+    token: str
+    device: str
+    dtype: str
+    host: str = "127.0.0.1"
+    port: int = 0
+    threads: int = 0
+    node_id: str = ""
+    max_memory: int = 0
+
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def check_device(device: str) -> None:
+    """Refuse a device that is not there: no silent fallback to another."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but torch sees no CUDA device")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit("error: --device mps, but torch sees no MPS device")
+
+
+def free_memory(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    with open("/proc/meminfo") as file:
+        for line in file:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class WorkerNode:
+    """One stage of a pipeline, served over QUIC."""
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self.node_id = settings.node_id or f"worker-{uuid.uuid4().hex[:8]}"
+        self.identity = load_or_create_identity(dirs.config_dir() / "nodes", self.node_id)
+        self.dialer = Dialer(self.identity, settings.token)
+        self.gateway: MeshConnection | None = None
+        self.next_stage: MeshConnection | None = None
+        self.stage: Stage | None = None
+        self.plan: StagePlan | None = None
+        self.config: ModelConfig | None = None
+        self.batches: asyncio.Queue[tuple[MeshConnection, Frame]] = asyncio.Queue()
+        self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compute")
+        self.active_slots: dict[int, str] = {}
+        self.steps = 0
+        self.step_seconds = 0.0
+        self.done = asyncio.Event()
+        self.port = 0
+
+    # -- life ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        server = await listen(
+            self.settings.host, self.settings.port, self.identity, self, self.settings.token
+        )
+        self.port = bound_port(server)
+        self.gateway = await self.dialer.dial(
+            self.settings.gateway_host, self.settings.gateway_port, self, self._hello()
+        )
+        self.gateway.send(Frame(Kind.REGISTER, 0, self._description()))
+        compute = asyncio.create_task(self._compute_loop())
+        try:
+            await self.done.wait()
+        finally:
+            compute.cancel()
+            server.close()
+            await self.dialer.close()
+            self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def _hello(self) -> dict[str, Any]:
+        return {"node_id": self.node_id, "role": "worker"}
+
+    def _description(self) -> dict[str, Any]:
+        offered = free_memory(self.settings.device)
+        if self.settings.max_memory:
+            offered = min(offered, self.settings.max_memory)
+        return {
+            "node_id": self.node_id,
+            "host": self.settings.host,
+            "port": self.port,
+            "pid": os.getpid(),
+            "device": self.settings.device,
+            "dtype": self.settings.dtype,
+            "memory": offered,
+        }
+
+    # -- frames ----------------------------------------------------------------------------
+
+    def on_frame(self, connection: MeshConnection, frame: Frame) -> None:
+        if frame.kind == Kind.BATCH:
+            if self.stage is None:
+                raise FrameError("not_ready", "this worker has no assignment yet")
+            self.batches.put_nowait((connection, frame))
+        elif frame.kind == Kind.ASSIGN and connection is self.gateway:
+            asyncio.get_running_loop().create_task(self._assign(frame.meta))
+        elif frame.kind == Kind.RELEASE:
+            for slot, request_id in frame.meta.get("slots", []):
+                if self.active_slots.get(slot) == request_id:
+                    del self.active_slots[slot]
+        elif frame.kind == Kind.ERROR:
+            log.warning("peer error: %s", frame.meta)
+
+    def on_closed(self, connection: MeshConnection) -> None:
+        if connection is self.gateway:
+            log.warning("lost the gateway; stopping")
+            self.done.set()
+        elif connection is self.next_stage:
+            log.warning("lost the next stage")
+            self.next_stage = None
+
+    async def _assign(self, meta: dict[str, Any]) -> None:
+        """Load the assigned layers, link to the next stage, and report READY."""
+        assert self.gateway is not None
+        try:
+            await self._load(meta)
+            following = meta.get("next")
+            if following:
+                self.next_stage = await self.dialer.dial(
+                    following["host"], following["port"], self, self._hello()
+                )
+        except Exception as error:  # noqa: BLE001 - reported to the gateway, which decides
+            log.exception("assignment failed")
+            self.gateway.send(error_frame("assign_failed", f"{type(error).__name__}: {error}"))
+            return
+        self.gateway.send(Frame(Kind.READY, 0, {"node_id": self.node_id, "plan": meta}))
+
+    async def _load(self, meta: dict[str, Any]) -> None:
+        model_dir = await asyncio.to_thread(resolve, meta["model"], False)
+        config = ModelConfig.from_dir(model_dir)
+        plan = StagePlan(
+            meta["layer_start"],
+            meta["layer_end"],
+            config.num_layers,
+            meta["num_slots"],
+            meta["max_seq_len"],
+        )
+        stage = await asyncio.get_running_loop().run_in_executor(
+            self.executor, self._build_stage, model_dir, config, plan
+        )
+        self.config, self.plan, self.stage = config, plan, stage
+
+    def _build_stage(self, model_dir, config: ModelConfig, plan: StagePlan) -> Stage:
+        if self.settings.threads:
+            torch.set_num_threads(self.settings.threads)
+        dtype = self.settings.torch_dtype()
+        # Built on the meta device, so only this stage's weights are ever materialised.
+        with torch.device("meta"):
+            stage = Stage(config, plan).to(dtype=dtype)
+        stage = stage.to_empty(device=self.settings.device)
+        stage.load(model_dir)
+        stage.reset_rope()
+        stage.allocate_cache(dtype)
+        return stage.eval()
+
+    # -- compute ---------------------------------------------------------------------------
+
+    async def _compute_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            source, frame = await self.batches.get()
+            try:
+                batch = self._parse(frame)
+                started = time.perf_counter()
+                result = await loop.run_in_executor(self.executor, self._run, batch)
+                self.step_seconds = time.perf_counter() - started
+                self.steps += 1
+                await self._send_on(batch, result)
+            except FrameError as error:
+                self._report(source, error_frame(error.code, str(error), frame.message_id))
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # noqa: BLE001 - a failed batch must not stop the stage
+                log.exception("batch %d failed", frame.message_id)
+                self._report(source, error_frame("stage_failed", str(error), frame.message_id))
+
+    def _parse(self, frame: Frame) -> Batch:
+        assert self.stage is not None and self.config is not None and self.plan is not None
+        batch = parse_batch(
+            frame,
+            self.plan,
+            self.config.hidden_size,
+            self.config.vocab_size,
+            self.settings.torch_dtype(),
+        )
+        for span in batch.spans:
+            if span.start == 0 or span.slot not in self.active_slots:
+                self.active_slots[span.slot] = frame.meta.get("requests", {}).get(
+                    str(span.slot), ""
+                )
+        return batch
+
+    def _run(self, batch: Batch) -> torch.Tensor:
+        """The forward pass (compute thread): hidden states out, or sampled token ids."""
+        assert self.stage is not None
+        inputs = batch.inputs.to(self.settings.device)
+        output = self.stage(inputs, batch.spans, batch.sample_rows())
+        if not self.stage.plan.is_last:
+            return output.cpu()
+        return sample(output, batch.sampling).cpu()
+
+    async def _send_on(self, batch: Batch, result: torch.Tensor) -> None:
+        assert self.stage is not None and self.gateway is not None
+        timings = batch.meta.get("timings")
+        timings = (timings if isinstance(timings, list) else [])[:64] + [self.step_seconds]
+        batch.meta["timings"] = timings
+        if self.stage.plan.is_last:
+            self.gateway.send(Frame(Kind.TOKENS, batch.batch_id, {"timings": timings}, result))
+            return
+        if self.next_stage is None or self.next_stage.closed:
+            raise FrameError("no_next_stage", "the next stage is not connected")
+        await self.next_stage.drain(SEND_WINDOW_BYTES)
+        self.next_stage.send(batch.forward_frame(result))
+
+    def _report(self, source: MeshConnection, frame: Frame) -> None:
+        """Errors about a batch go to its sender and, so it can fail the batch, to the gateway."""
+        with contextlib.suppress(Exception):
+            source.send(frame)
+            if self.gateway is not None and source is not self.gateway:
+                self.gateway.send(frame)
