@@ -73,6 +73,13 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     remove.add_argument("name")
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench", help="benchmarks: `bench serving ...` (default) or `bench transport ...`"
+    )
+    p.add_argument("arguments", nargs=argparse.REMAINDER)
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="meshpipe", description=__doc__)
     root.add_argument("-v", "--verbose", action="store_true")
@@ -81,6 +88,7 @@ def parser() -> argparse.ArgumentParser:
     _add_gateway(sub)
     _add_worker(sub)
     _add_models(sub)
+    _add_bench(sub)
     return root
 
 
@@ -170,7 +178,20 @@ def run_auto(args: argparse.Namespace) -> None:
     )
 
 
-COMMANDS = {"gateway": run_gateway, "worker": run_worker, "models": run_models, "auto": run_auto}
+def run_bench(args: argparse.Namespace) -> None:
+    arguments = list(args.arguments)
+    if arguments[:1] == ["transport"]:
+        from bench.transport import main as bench_main
+
+        arguments = arguments[1:]
+    else:
+        from bench.serving import main as bench_main
+
+        arguments = arguments[1:] if arguments[:1] == ["serving"] else arguments
+    bench_main(arguments)
+
+
+COMMANDS = {"gateway": run_gateway, "worker": run_worker, "models": run_models, "auto": run_auto, "bench": run_bench}
 
 
 def main(argv: list[str] | None = None) -> None:
