@@ -1,0 +1,104 @@
+"""Greedy tokens through the QUIC pipeline equal transformers' greedy generation, token for token.
+
+The pipeline's answer is compared as text and token count: the HF tokens, cut at the first
+end-of-sequence token, decoded with the model's tokenizer, must give exactly the streamed text,
+and `usage.completion_tokens` must equal their number.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from openai import OpenAI
+
+from gateway.text import ChatFormat
+from meshpipe.models.config import ModelConfig
+from tests.cluster import Cluster, start_auto
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three prime numbers and explain why they are prime.",
+]
+MAX_TOKENS = 24
+
+
+def reference(model_dir: Path, prompt: str, max_tokens: int) -> tuple[str, int]:
+    """transformers greedy generation on the same weights: (text, number of tokens)."""
+    from transformers import AutoModelForCausalLM
+
+    chat = ChatFormat(model_dir)
+    config = ModelConfig.from_dir(model_dir)
+    ids = chat.encode_chat([{"role": "user", "content": prompt}])
+    model = _hf_model(model_dir, AutoModelForCausalLM)
+    with torch.inference_mode():
+        output = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            eos_token_id=list(config.eos_token_ids),
+            pad_token_id=config.eos_token_ids[0],
+        )
+    new = output[0, len(ids) :].tolist()
+    for index, token in enumerate(new):
+        if token in config.eos_token_ids:
+            new = new[: index + 1]
+            break
+    return chat.decode(new), len(new)
+
+
+_models: dict[Path, object] = {}
+
+
+def _hf_model(model_dir: Path, factory):
+    if model_dir not in _models:
+        _models[model_dir] = factory.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return _models[model_dir]
+
+
+def pipeline_answer(cluster: Cluster, prompt: str, max_tokens: int) -> tuple[str, int]:
+    client = OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", timeout=120)
+    answer = client.chat.completions.create(
+        model=cluster.model,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=max_tokens,
+        temperature=0,
+    )
+    return answer.choices[0].message.content or "", answer.usage.completion_tokens
+
+
+def assert_parity(cluster: Cluster, model_dir: Path, prompts: list[str], max_tokens: int) -> None:
+    for prompt in prompts:
+        expected = reference(model_dir, prompt, max_tokens)
+        got = pipeline_answer(cluster, prompt, max_tokens)
+        print(
+            f"{len(cluster.status()['stages'])} stages | {prompt!r} -> {got[0]!r} ({got[1]} tokens)"
+        )
+        assert got == expected, f"prompt {prompt!r}"
+
+
+def test_default_model_two_stages(cluster: Cluster, default_model: Path) -> None:
+    assert len(cluster.status()["stages"]) == 2
+    assert_parity(cluster, default_model, PROMPTS, MAX_TOKENS)
+
+
+def test_default_model_three_stages(default_model: Path) -> None:
+    three = start_auto(default_model, 3)
+    try:
+        stages = three.status()["stages"]
+        assert [stage["layers"] for stage in stages] == [[0, 10], [10, 20], [20, 30]]
+        assert_parity(three, default_model, PROMPTS[:2], MAX_TOKENS)
+    finally:
+        three.process.stop()
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+def test_tiny_random_llama(tiny_model: Path, stages: int) -> None:
+    tiny = start_auto(tiny_model, stages)
+    try:
+        assert_parity(tiny, tiny_model, PROMPTS, 16)
+    finally:
+        tiny.process.stop()
