@@ -127,7 +127,13 @@ async def api_error(request: Request, error: Exception) -> Response:
 
 async def http_error(request: Request, error: Exception) -> Response:
     assert isinstance(error, HTTPException)
-    if error.status_code == 405:
+    # The console's static mount at "/" answers 404 for any path; a known API path asked with
+    # the wrong method deserves 405.
+    known_path = any(
+        isinstance(route, Route) and route.path_regex.match(request.url.path)
+        for route in request.app.routes
+    )
+    if error.status_code == 405 or (error.status_code == 404 and known_path):
         api: APIError = MethodNotAllowed(
             f"method {request.method} not allowed on {request.url.path}"
         )

@@ -34,6 +34,7 @@ class AutoSettings:
     device: str = "cpu"
     dtype: str = "float32"
     ready_timeout: float = 600.0
+    verbose: bool = False
 
 
 class ClusterFailed(Exception):
@@ -45,8 +46,8 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _spawn(arguments: list[str], env: dict[str, str]) -> subprocess.Popen:
-    command = [sys.executable, "-m", "meshpipe", *arguments]
+def _spawn(arguments: list[str], env: dict[str, str], verbose: bool) -> subprocess.Popen:
+    command = [sys.executable, "-m", "meshpipe", *(["-v"] if verbose else []), *arguments]
     return subprocess.Popen(command, env=env, preexec_fn=_die_with_parent)
 
 
@@ -78,7 +79,7 @@ class Cluster:
             "--max-seq-len",
             str(s.max_seq_len),
         ]
-        self.children.append(("gateway", _spawn(gateway, env)))
+        self.children.append(("gateway", _spawn(gateway, env, s.verbose)))
         threads = max(1, (os.cpu_count() or 1) // s.stages) if s.device == "cpu" else 0
         for index in range(s.stages):
             worker = [
@@ -94,7 +95,7 @@ class Cluster:
                 "--id",
                 f"worker-{index}",
             ]
-            self.children.append((f"worker-{index}", _spawn(worker, env)))
+            self.children.append((f"worker-{index}", _spawn(worker, env, s.verbose)))
 
     def check_alive(self) -> None:
         for name, child in self.children:

@@ -117,7 +117,9 @@ class MeshConnection(QuicConnectionProtocol):
     def queue(self, frame: Frame) -> None:
         """Queue a frame without transmitting (call transmit() once after a batch of sends)."""
         head, payload = frame.header_and_meta()
-        stream_id = self._quic.get_next_available_stream_id()
+        # Unidirectional: a stream is done (and its credit returned) once its FIN is read; a
+        # bidirectional one whose reverse side is never closed would use up the stream limit.
+        stream_id = self._quic.get_next_available_stream_id(is_unidirectional=True)
         if payload is None:
             self._quic.send_stream_data(stream_id, head, end_stream=True)
         else:

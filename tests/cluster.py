@@ -90,7 +90,10 @@ class Cluster:
 
 def start_auto(model: Path | str, stages: int = 2, *extra: str, timeout: float = 300) -> Cluster:
     port = free_port()
+    verbose = ["--verbose"] if "--verbose" in extra else []
+    extra = tuple(arg for arg in extra if arg != "--verbose")
     process = meshpipe(
+        *verbose,
         "auto",
         "--model",
         str(model),

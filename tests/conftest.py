@@ -72,6 +72,9 @@ def tiny_model(default_model: Path, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture(scope="session")
 def cluster(default_model: Path) -> Iterator[Cluster]:
     """`meshpipe auto` on the default model, two stages, shared by the API tests."""
-    running = start_auto(default_model, 2)
+    running = start_auto(default_model, 2, "--verbose")
     yield running
     running.process.stop()
+    artifacts = Path(__file__).resolve().parent.parent / "artifacts"
+    artifacts.mkdir(exist_ok=True)
+    (artifacts / "cluster.log").write_text(running.process.output())

@@ -1,0 +1,251 @@
+"""The OpenAI API as clients see it: the official client, curl, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from tests.cluster import Cluster
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture()
+def client(cluster: Cluster) -> OpenAI:
+    return OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", timeout=120, max_retries=0)
+
+
+def test_non_streaming(client: OpenAI, cluster: Cluster) -> None:
+    answer = client.chat.completions.create(
+        model=cluster.model, messages=QUESTION, max_tokens=12, temperature=0
+    )
+    choice = answer.choices[0]
+    assert answer.object == "chat.completion"
+    assert choice.message.role == "assistant"
+    assert "Paris" in choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    usage = answer.usage
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert 0 < usage.completion_tokens <= 12
+
+
+def test_streaming_with_usage(client: OpenAI, cluster: Cluster) -> None:
+    stream = client.chat.completions.create(
+        model=cluster.model,
+        messages=QUESTION,
+        max_tokens=5,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    whole = client.chat.completions.create(
+        model=cluster.model, messages=QUESTION, max_tokens=5, temperature=0
+    )
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_models(client: OpenAI, cluster: Cluster) -> None:
+    models = client.models.list()
+    assert [m.id for m in models.data] == [cluster.model]
+
+
+def test_curl_streaming(cluster: Cluster) -> None:
+    body = json.dumps(
+        {
+            "model": cluster.model,
+            "messages": QUESTION,
+            "stream": True,
+            "temperature": 0,
+            "max_tokens": 16,
+        }
+    )
+    result = subprocess.run(
+        [
+            "curl",
+            "-sN",
+            f"{cluster.url}/v1/chat/completions",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            body,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    events = [
+        line[len("data: ") :] for line in result.stdout.splitlines() if line.startswith("data: ")
+    ]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert "Paris" in text
+
+
+def test_stop_sequence(client: OpenAI, cluster: Cluster) -> None:
+    full = (
+        client.chat.completions.create(
+            model=cluster.model, messages=QUESTION, max_tokens=12, temperature=0
+        )
+        .choices[0]
+        .message.content
+    )
+    assert " is " in full
+    cut = client.chat.completions.create(
+        model=cluster.model, messages=QUESTION, max_tokens=12, temperature=0, stop=[" is", "zzz"]
+    )
+    assert cut.choices[0].message.content == full[: full.index(" is")]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_seeded_sampling_is_reproducible(client: OpenAI, cluster: Cluster) -> None:
+    def sample(seed: int) -> str:
+        return (
+            client.chat.completions.create(
+                model=cluster.model,
+                messages=QUESTION,
+                max_tokens=10,
+                temperature=1.0,
+                top_p=0.95,
+                seed=seed,
+            )
+            .choices[0]
+            .message.content
+        )
+
+    assert sample(7) == sample(7)
+    assert len({sample(seed) for seed in (1, 2, 3)}) > 1
+
+
+def post(cluster: Cluster, body: object, raw: bytes | None = None) -> httpx.Response:
+    content = raw if raw is not None else json.dumps(body).encode()
+    return httpx.post(
+        f"{cluster.url}/v1/chat/completions",
+        content=content,
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
+
+
+BAD_REQUESTS = [
+    ("malformed json", None, b'{"model": ', 400, None),
+    ("not an object", [1, 2], None, 400, None),
+    ("no messages", {"model": "M"}, None, 400, "messages"),
+    ("empty messages", {"model": "M", "messages": []}, None, 400, "messages"),
+    (
+        "bad role",
+        {"model": "M", "messages": [{"role": "robot", "content": "x"}]},
+        None,
+        400,
+        "messages.0.role",
+    ),
+    ("message not an object", {"model": "M", "messages": ["hi"]}, None, 400, "messages.0"),
+    (
+        "max_tokens 0",
+        {"model": "M", "messages": QUESTION, "max_tokens": 0},
+        None,
+        400,
+        "max_tokens",
+    ),
+    (
+        "max_tokens negative",
+        {"model": "M", "messages": QUESTION, "max_tokens": -5},
+        None,
+        400,
+        "max_tokens",
+    ),
+    (
+        "temperature < 0",
+        {"model": "M", "messages": QUESTION, "temperature": -0.1},
+        None,
+        400,
+        "temperature",
+    ),
+    (
+        "temperature > 2",
+        {"model": "M", "messages": QUESTION, "temperature": 2.5},
+        None,
+        400,
+        "temperature",
+    ),
+    ("top_p 0", {"model": "M", "messages": QUESTION, "top_p": 0}, None, 400, "top_p"),
+    ("top_p > 1", {"model": "M", "messages": QUESTION, "top_p": 1.5}, None, 400, "top_p"),
+    ("unknown model", {"model": "gpt-9", "messages": QUESTION}, None, 404, "model"),
+    (
+        "context exceeded",
+        {"model": "M", "messages": QUESTION, "max_tokens": 100000},
+        None,
+        400,
+        "max_tokens",
+    ),
+    (
+        "prompt too long",
+        {"model": "M", "messages": [{"role": "user", "content": "word " * 5000}]},
+        None,
+        400,
+        "messages",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "raw", "status", "param"), BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS]
+)
+def test_bad_request(cluster: Cluster, name, body, raw, status, param) -> None:
+    if isinstance(body, dict) and body.get("model") == "M":
+        body = body | {"model": cluster.model}
+    response = post(cluster, body, raw)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    assert error["param"] == param
+    if status == 404:
+        assert error["code"] == "model_not_found"
+    if name.startswith(("context", "prompt")):
+        assert error["code"] == "context_length_exceeded"
+    good = post(cluster, {"model": cluster.model, "messages": QUESTION, "max_tokens": 2})
+    assert good.status_code == 200, good.text
+
+
+def test_openai_client_sees_error_objects(client: OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as raised:
+        client.chat.completions.create(model="nope", messages=QUESTION)
+    assert raised.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="nope", messages=[])
+
+
+def test_unknown_route_and_method(cluster: Cluster) -> None:
+    missing = httpx.get(f"{cluster.url}/v1/nothing", timeout=10)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    wrong = httpx.get(f"{cluster.url}/v1/chat/completions", timeout=10)
+    assert wrong.status_code == 405 and wrong.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_status_and_health(cluster: Cluster) -> None:
+    assert httpx.get(f"{cluster.url}/health", timeout=10).json() == {"status": "ok", "ready": True}
+    status = cluster.status()
+    stages = status["stages"]
+    assert [s["layers"] for s in stages] == [[0, 15], [15, 30]]
+    for stage in stages:
+        assert stage["pid"] > 0 and stage["device"] == "cpu" and stage["dtype"] == "float32"
+        assert stage["address"].startswith("127.0.0.1:")
+    assert status["join_token"].startswith("mp1-")
