@@ -131,6 +131,8 @@ class Engine:
         self.eos_ids = eos_ids
         self.metrics = metrics
         self.pipeline: Pipeline | None = None
+        # False while no route through the model exists or is being built: requests get 503.
+        self.available = False
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.free_slots = list(range(settings.num_slots - 1, -1, -1))
@@ -143,7 +145,7 @@ class Engine:
 
     def submit(self, request_id: str, prompt: list[int], params: GenerationParams) -> Sequence:
         """Queue a request; 503 without a pipeline, 429 when the queue is full."""
-        if self.pipeline is None:
+        if not self.available:
             raise Unavailable("no pipeline is serving this model right now; retry shortly")
         if len(self.waiting) >= self.settings.max_waiting:
             raise Overloaded("the request queue is full; retry later")
@@ -313,9 +315,20 @@ class Engine:
         self.metrics.batches_in_flight.set(len(self.in_flight))
         self.wakeup.set()
 
+    def on_route_lost(self) -> None:
+        """A stage went away but a new route is being built: keep every sequence, and replay
+        its prompt and generated tokens on the new route to rebuild its KV cache."""
+        self.pipeline = None
+        self.in_flight.clear()
+        self.metrics.batches_in_flight.set(0)
+        for sequence in self.running:
+            sequence.in_flight = False
+            sequence.computed = 0
+
     def on_pipeline_lost(self, reason: str) -> None:
         """No route through the model any more: every running sequence ends with an error."""
         self.pipeline = None
+        self.available = False
         self.in_flight.clear()
         error = Unavailable(f"the pipeline was lost: {reason}")
         for sequence in list(self.running) + list(self.waiting):
@@ -327,6 +340,7 @@ class Engine:
 
     def on_pipeline_ready(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
+        self.available = True
         self.wakeup.set()
 
     def _fail(self, sequence: Sequence, error: APIError) -> None:

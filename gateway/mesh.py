@@ -1,13 +1,21 @@
-"""The gateway's side of the mesh: who is connected, the plan of stages, and the route.
+"""The gateway's side of the mesh: who is connected, the plan of stages, the route, failover.
 
-Workers dial the gateway and REGISTER; once enough have joined, the gateway splits the model's
-layers over them in proportion to the memory each offers and ASSIGNs every one its range and
-next hop. When all report READY the route is live: batches go to the first stage over its
-connection, and the last stage sends sampled tokens back over its own.
+Workers dial the gateway, prove the join token and REGISTER. Once enough have joined, the
+gateway splits the model's layers over them in proportion to the memory each offers and ASSIGNs
+every one its range and next hop; the rest wait as standbys. When all report READY the route is
+live: batches go to the first stage over its connection, and the last stage sends sampled
+tokens back over its own.
+
+Workers send STATUS several times a second; one silent for `HEARTBEAT_TIMEOUT` is gone. When a
+stage goes, the gateway rebuilds the route (a standby takes the lost range, or a new plan over
+the workers left) and the engine replays every running sequence on it. Only when no route can
+be built do streams end with an error and new requests get 503, until a worker joins.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -20,6 +28,11 @@ from meshpipe.quic import MeshConnection
 from meshpipe.wire import Frame, Kind
 
 log = logging.getLogger(__name__)
+
+HEARTBEAT_TIMEOUT = 1.0
+MONITOR_INTERVAL = 0.2
+# How long to wait for the planned number of workers before planning over fewer.
+JOIN_GRACE_SECONDS = 5.0
 
 
 @dataclass(eq=False)
@@ -34,9 +47,12 @@ class WorkerInfo:
     device: str
     dtype: str
     memory: int
-    joined_at: float = field(default_factory=time.time)
+    models: list[str] = field(default_factory=list)
+    joined_at: float = field(default_factory=time.monotonic)
+    last_seen: float = field(default_factory=time.monotonic)
     layers: tuple[int, int] | None = None
     ready: bool = False
+    figures: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -46,9 +62,15 @@ class WorkerInfo:
             "device": self.device,
             "dtype": self.dtype,
             "memory": self.memory,
+            "models": self.models,
             "layers": list(self.layers) if self.layers else None,
             "ready": self.ready,
+            "role": "stage" if self.layers else "standby",
             "link": "direct",
+            "active_slots": self.figures.get("active_slots", 0),
+            "steps": self.figures.get("steps", 0),
+            "step_seconds": self.figures.get("step_seconds", 0.0),
+            "last_seen": time.monotonic() - self.last_seen,
         }
 
 
@@ -56,8 +78,8 @@ def plan_layers(num_layers: int, memories: list[int]) -> list[tuple[int, int]]:
     """Contiguous layer ranges, sized in proportion to each worker's memory (at least 1 each)."""
     count = len(memories)
     assert 0 < count <= num_layers
-    total = sum(memories) or count
-    weights = [m / total if sum(memories) else 1 / count for m in memories]
+    total = sum(memories)
+    weights = [m / total for m in memories] if total else [1 / count] * count
     bounds, acc = [0], 0.0
     for index, weight in enumerate(weights[:-1]):
         acc += weight
@@ -68,15 +90,28 @@ def plan_layers(num_layers: int, memories: list[int]) -> list[tuple[int, int]]:
     return list(itertools.pairwise(bounds))
 
 
+def stage_bytes(
+    config: ModelConfig, layers: tuple[int, int], slots: int, context: int, itemsize: int
+) -> int:
+    """Memory a stage needs: its layers' weights, its KV cache, and the embedding or head."""
+    hidden, heads_dim = config.hidden_size, config.num_heads * config.head_dim
+    kv_dim = config.num_kv_heads * config.head_dim
+    per_layer = hidden * (2 * heads_dim + 2 * kv_dim) + 3 * hidden * config.intermediate_size
+    cache = 2 * slots * context * kv_dim
+    count = layers[1] - layers[0]
+    total = count * (per_layer + cache)
+    if layers[0] == 0:
+        total += config.vocab_size * hidden
+    if layers[1] == config.num_layers:
+        total += config.vocab_size * hidden
+    return total * itemsize
+
+
 class Mesh:
-    """Registry, plan and route for one model."""
+    """Registry, plan, route and failover for one model."""
 
     def __init__(
-        self,
-        engine: Engine,
-        model_spec: str,
-        config: ModelConfig,
-        num_stages: int,
+        self, engine: Engine, model_spec: str, config: ModelConfig, num_stages: int
     ) -> None:
         self.engine = engine
         self.model_spec = model_spec
@@ -87,31 +122,54 @@ class Mesh:
         self.plan_ids = itertools.count(1)
         self.plan_id = 0
         self.live = False
+        self.first_join: float | None = None
+        self.events: list[dict[str, Any]] = []
+
+    # -- life ------------------------------------------------------------------------------
+
+    async def monitor(self) -> None:
+        """Declare silent workers gone, and plan once the join grace period has passed."""
+        while True:
+            await asyncio.sleep(MONITOR_INTERVAL)
+            now = time.monotonic()
+            for worker in list(self.workers.values()):
+                if now - worker.last_seen > HEARTBEAT_TIMEOUT:
+                    self._lost(worker, "missed its heartbeats")
+                    with contextlib.suppress(Exception):
+                        worker.connection.close()
+            if not self.route:
+                self._maybe_plan()
+
+    def _record(self, kind: str, **details: Any) -> None:
+        self.events.append({"time": time.time(), "event": kind, **details})
+        del self.events[:-200]
 
     # -- frames ----------------------------------------------------------------------------
 
     def on_frame(self, connection: MeshConnection, frame: Frame) -> None:
+        worker = self._worker_of(connection)
+        if worker is not None:
+            worker.last_seen = time.monotonic()
         if frame.kind == Kind.REGISTER:
             self._register(connection, frame.meta)
+        elif frame.kind == Kind.STATUS and worker is not None:
+            worker.figures = frame.meta
         elif frame.kind == Kind.READY:
-            self._ready(connection, frame.meta)
+            self._ready(worker, frame.meta)
         elif frame.kind == Kind.TOKENS and frame.tensor is not None:
             self.engine.on_tokens(frame.message_id, frame.tensor, frame.meta)
         elif frame.kind == Kind.ERROR:
-            self._error(connection, frame)
+            self._error(worker, frame)
 
     def on_closed(self, connection: MeshConnection) -> None:
         worker = self._worker_of(connection)
-        if worker is None:
-            return
-        log.warning("worker %s left", worker.node_id)
-        del self.workers[worker.node_id]
-        if worker in self.route:
-            self._break_route(f"worker {worker.node_id} left")
-        self._maybe_plan()
+        if worker is not None:
+            self._lost(worker, "closed its connection")
 
     def _worker_of(self, connection: MeshConnection) -> WorkerInfo | None:
-        return next((w for w in self.workers.values() if w.connection is connection), None)
+        node_id = connection.peer.get("node_id")
+        worker = self.workers.get(node_id) if isinstance(node_id, str) else None
+        return worker if worker is not None and worker.connection is connection else None
 
     def _register(self, connection: MeshConnection, meta: dict[str, Any]) -> None:
         node_id = str(connection.peer.get("node_id", ""))
@@ -125,50 +183,126 @@ class Mesh:
                 device=str(meta["device"]),
                 dtype=str(meta["dtype"]),
                 memory=int(meta["memory"]),
+                models=[str(m) for m in meta.get("models", [])],
             )
         except (KeyError, TypeError, ValueError):
             connection.send(
                 Frame(Kind.ERROR, 0, {"code": "bad_register", "message": "bad REGISTER"})
             )
             return
+        previous = self.workers.get(node_id)
+        if previous is not None and previous.connection is not connection:
+            self._lost(previous, "registered again")
         self.workers[node_id] = worker
-        log.info("worker %s joined (%s, %s)", node_id, worker.device, worker.dtype)
-        self._maybe_plan()
+        self.first_join = self.first_join or time.monotonic()
+        log.info(
+            "worker %s joined (%s, %s, %d MB)",
+            node_id,
+            worker.device,
+            worker.dtype,
+            worker.memory >> 20,
+        )
+        self._record("joined", worker=node_id)
+        if self.route and len(self.route) < self.num_stages:
+            self._replan(f"worker {node_id} joined")
+        else:
+            self._maybe_plan()
 
-    def _ready(self, connection: MeshConnection, meta: dict[str, Any]) -> None:
-        worker = self._worker_of(connection)
-        plan = meta.get("plan", {})
-        if worker is None or plan.get("plan_id") != self.plan_id:
+    def _ready(self, worker: WorkerInfo | None, meta: dict[str, Any]) -> None:
+        if worker is None or meta.get("plan", {}).get("plan_id") != self.plan_id:
             return
         worker.ready = True
         if self.route and all(w.ready for w in self.route):
             self.live = True
             log.info("pipeline ready: %s", self.describe_route())
+            self._record("route_ready", route=self.describe_route())
             self.engine.on_pipeline_ready(self)
 
-    def _error(self, connection: MeshConnection, frame: Frame) -> None:
+    def _error(self, worker: WorkerInfo | None, frame: Frame) -> None:
         message = str(frame.meta.get("message", "unknown error"))
-        log.warning("error from %s: %s", connection.peer.get("node_id"), message)
+        log.warning("error from %s: %s", worker.node_id if worker else "?", message)
         if frame.message_id:
             self.engine.on_batch_failed(frame.message_id, message)
-        elif frame.meta.get("code") == "assign_failed":
-            worker = self._worker_of(connection)
-            if worker is not None and worker in self.route:
-                self._break_route(f"worker {worker.node_id} could not load: {message}")
+        elif frame.meta.get("code") == "assign_failed" and worker is not None:
+            self._lost(worker, f"could not load its layers: {message}")
 
-    # -- planning --------------------------------------------------------------------------
+    # -- planning and failover -------------------------------------------------------------
 
-    def _maybe_plan(self) -> None:
-        if self.route or len(self.workers) < self.num_stages:
+    def _lost(self, worker: WorkerInfo, reason: str) -> None:
+        if self.workers.get(worker.node_id) is not worker:
             return
-        chosen = sorted(self.workers.values(), key=lambda w: w.joined_at)[: self.num_stages]
-        ranges = plan_layers(self.config.num_layers, [w.memory for w in chosen])
+        log.warning("worker %s %s", worker.node_id, reason)
+        self._record("left", worker=worker.node_id, reason=reason)
+        del self.workers[worker.node_id]
+        if worker in self.route:
+            self._rebuild(worker, reason)
+
+    def _rebuild(self, lost: WorkerInfo, reason: str) -> None:
+        """Replace the lost stage with a standby, or plan anew over the workers left."""
+        self.live = False
+        self.engine.on_route_lost()
+        standby = self._standby_for(lost.layers)
+        if standby is not None:
+            route = [standby if w is lost else w for w in self.route]
+            standby.layers = lost.layers
+            self._assign(route, [w.layers for w in route])
+            return
+        self.route = []
+        if not self._maybe_plan(force=True):
+            self.engine.on_pipeline_lost(f"worker {lost.node_id} {reason}, and no route is left")
+
+    def _replan(self, reason: str) -> None:
+        """Plan again over every worker (one joined a short route); sequences are replayed."""
+        log.info("re-planning: %s", reason)
+        self.live = False
+        self.engine.on_route_lost()
+        self.route = []
+        self._maybe_plan(force=True)
+
+    def _standby_for(self, layers: tuple[int, int] | None) -> WorkerInfo | None:
+        if layers is None:
+            return None
+        for worker in sorted(self.workers.values(), key=lambda w: w.joined_at):
+            if worker not in self.route and worker.memory >= self._need(layers):
+                return worker
+        return None
+
+    def _need(self, layers: tuple[int, int]) -> int:
+        settings = self.engine.settings
+        return stage_bytes(self.config, layers, settings.num_slots, settings.max_seq_len, 4)
+
+    def _maybe_plan(self, force: bool = False) -> bool:
+        """Plan a route if none exists; True if one is being built."""
+        if self.route:
+            return True
+        waited = (
+            self.first_join is not None and time.monotonic() - self.first_join > JOIN_GRACE_SECONDS
+        )
+        if len(self.workers) < self.num_stages and not (force or waited):
+            return False
+        candidates = sorted(self.workers.values(), key=lambda w: w.joined_at)
+        for count in range(min(self.num_stages, len(candidates), self.config.num_layers), 0, -1):
+            chosen = sorted(candidates, key=lambda w: -w.memory)[:count]
+            chosen.sort(key=lambda w: w.joined_at)
+            ranges = plan_layers(self.config.num_layers, [w.memory for w in chosen])
+            if all(w.memory >= self._need(r) for w, r in zip(chosen, ranges, strict=True)):
+                self._assign(chosen, ranges)
+                return True
+        return False
+
+    def _assign(self, route: list[WorkerInfo], ranges: list[tuple[int, int] | None]) -> None:
         self.plan_id = next(self.plan_ids)
-        self.route = chosen
-        for index, (worker, layers) in enumerate(zip(chosen, ranges, strict=True)):
+        self.route = route
+        self.engine.available = True
+        for worker in self.workers.values():
+            if worker not in route:
+                worker.layers, worker.ready = None, False
+        for index, (worker, layers) in enumerate(zip(route, ranges, strict=True)):
+            assert layers is not None
             worker.layers, worker.ready = layers, False
-            following = chosen[index + 1] if index + 1 < len(chosen) else None
+            following = route[index + 1] if index + 1 < len(route) else None
             worker.connection.send(Frame(Kind.ASSIGN, 0, self._assignment(layers, following)))
+        self._record("planned", plan_id=self.plan_id, route=self.describe_route())
 
     def _assignment(self, layers: tuple[int, int], following: WorkerInfo | None) -> dict:
         settings = self.engine.settings
@@ -184,16 +318,10 @@ class Mesh:
             else {"node_id": following.node_id, "host": following.host, "port": following.port},
         }
 
-    def _break_route(self, reason: str) -> None:
-        for worker in self.route:
-            worker.layers, worker.ready = None, False
-        self.route = []
-        self.live = False
-        self.engine.on_pipeline_lost(reason)
-
     # -- the engine's pipeline -------------------------------------------------------------
 
     def send_batch(self, frame: Frame) -> None:
+        frame.meta["plan_id"] = self.plan_id
         self.route[0].connection.send(frame)
 
     def release(self, slots: list[tuple[int, str]]) -> None:
@@ -211,9 +339,12 @@ class Mesh:
     def status(self) -> dict[str, Any]:
         return {
             "ready": self.live,
+            "plan_id": self.plan_id,
             "num_layers": self.config.num_layers,
             "stages": [
                 {"index": index} | worker.describe() for index, worker in enumerate(self.route)
             ],
             "workers": [worker.describe() for worker in self.workers.values()],
+            "standby": [w.node_id for w in self.workers.values() if w not in self.route],
+            "events": self.events[-20:],
         }

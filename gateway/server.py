@@ -83,9 +83,10 @@ async def serve(settings: GatewaySettings) -> None:
         f"mesh on udp {settings.mesh_host}:{bound_port(quic)}",
         flush=True,
     )
-    scheduler = asyncio.create_task(engine.run())
+    tasks = [asyncio.create_task(engine.run()), asyncio.create_task(mesh.monitor())]
     try:
         await server.serve()
     finally:
-        scheduler.cancel()
+        for task in tasks:
+            task.cancel()
         quic.close()

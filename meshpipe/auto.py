@@ -27,6 +27,8 @@ STOP_GRACE_SECONDS = 5.0
 class AutoSettings:
     model: str
     stages: int = 2
+    spare: int = 0
+    max_waiting: int = 64
     port: int = 9337
     mesh_port: int = 9338
     slots: int = 8
@@ -78,10 +80,12 @@ class Cluster:
             str(s.slots),
             "--max-seq-len",
             str(s.max_seq_len),
+            "--max-waiting",
+            str(s.max_waiting),
         ]
         self.children.append(("gateway", _spawn(gateway, env, s.verbose)))
         threads = max(1, (os.cpu_count() or 1) // s.stages) if s.device == "cpu" else 0
-        for index in range(s.stages):
+        for index in range(s.stages + s.spare):
             worker = [
                 "worker",
                 "--gateway",

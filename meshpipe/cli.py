@@ -54,9 +54,11 @@ def _add_auto(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("auto", help="start a whole local cluster: gateway plus N workers")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--stages", type=int, default=2)
+    p.add_argument("--spare", type=int, default=0, help="standby workers for failover")
     p.add_argument("--port", type=int, default=9337)
     p.add_argument("--mesh-port", type=int, default=9338)
     p.add_argument("--slots", type=int, default=8)
+    p.add_argument("--max-waiting", type=int, default=64, help="queued requests before 429")
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--device", choices=["cpu", "cuda", "mps"], default="cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
@@ -167,6 +169,9 @@ def run_auto(args: argparse.Namespace) -> None:
         AutoSettings(
             model=args.model,
             stages=args.stages,
+            spare=args.spare,
+            max_waiting=args.max_waiting,
+            verbose=args.verbose,
             port=args.port,
             mesh_port=args.mesh_port,
             slots=args.slots,
@@ -191,7 +196,13 @@ def run_bench(args: argparse.Namespace) -> None:
     bench_main(arguments)
 
 
-COMMANDS = {"gateway": run_gateway, "worker": run_worker, "models": run_models, "auto": run_auto, "bench": run_bench}
+COMMANDS = {
+    "gateway": run_gateway,
+    "worker": run_worker,
+    "models": run_models,
+    "auto": run_auto,
+    "bench": run_bench,
+}
 
 
 def main(argv: list[str] | None = None) -> None:

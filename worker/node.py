@@ -22,7 +22,7 @@ import torch
 
 from meshpipe import dirs
 from meshpipe.identity import load_or_create_identity
-from meshpipe.models.catalog import resolve
+from meshpipe.models.catalog import installed, resolve
 from meshpipe.models.config import ModelConfig
 from meshpipe.quic import Dialer, MeshConnection, bound_port, listen
 from meshpipe.wire import Frame, FrameError, Kind, error_frame
@@ -32,6 +32,7 @@ from worker.sampling import sample
 
 log = logging.getLogger(__name__)
 
+HEARTBEAT_INTERVAL = 0.25
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SEND_WINDOW_BYTES = 64 << 20
 
@@ -93,6 +94,9 @@ class WorkerNode:
         self.step_seconds = 0.0
         self.done = asyncio.Event()
         self.port = 0
+        self.plan_id = 0
+        self.assignment: dict[str, Any] = {}
+        self.assign_lock = asyncio.Lock()
 
     # -- life ------------------------------------------------------------------------------
 
@@ -105,11 +109,12 @@ class WorkerNode:
             self.settings.gateway_host, self.settings.gateway_port, self, self._hello()
         )
         self.gateway.send(Frame(Kind.REGISTER, 0, self._description()))
-        compute = asyncio.create_task(self._compute_loop())
+        tasks = [asyncio.create_task(self._compute_loop()), asyncio.create_task(self._heartbeat())]
         try:
             await self.done.wait()
         finally:
-            compute.cancel()
+            for task in tasks:
+                task.cancel()
             server.close()
             await self.dialer.close()
             self.executor.shutdown(wait=False, cancel_futures=True)
@@ -129,7 +134,21 @@ class WorkerNode:
             "device": self.settings.device,
             "dtype": self.settings.dtype,
             "memory": offered,
+            "models": [model["name"] for model in installed() if model["complete"]],
         }
+
+    async def _heartbeat(self) -> None:
+        """Tell the gateway we are alive, with live figures, several times a second."""
+        while self.gateway is not None and not self.gateway.closed:
+            status = {
+                "plan_id": self.plan_id,
+                "active_slots": len(self.active_slots),
+                "steps": self.steps,
+                "step_seconds": self.step_seconds,
+                "queued": self.batches.qsize(),
+            }
+            self.gateway.send(Frame(Kind.STATUS, 0, status))
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
 
     # -- frames ----------------------------------------------------------------------------
 
@@ -156,20 +175,34 @@ class WorkerNode:
             self.next_stage = None
 
     async def _assign(self, meta: dict[str, Any]) -> None:
-        """Load the assigned layers, link to the next stage, and report READY."""
+        """Load the assigned layers (unless already held), link to the next stage, report READY.
+
+        Batches of an older plan are dropped from now on: after a failover their sequences are
+        replayed on the new route, and stale KV writes must not land in the slots."""
         assert self.gateway is not None
-        try:
-            await self._load(meta)
-            following = meta.get("next")
-            if following:
-                self.next_stage = await self.dialer.dial(
-                    following["host"], following["port"], self, self._hello()
-                )
-        except Exception as error:  # noqa: BLE001 - reported to the gateway, which decides
-            log.exception("assignment failed")
-            self.gateway.send(error_frame("assign_failed", f"{type(error).__name__}: {error}"))
-            return
-        self.gateway.send(Frame(Kind.READY, 0, {"node_id": self.node_id, "plan": meta}))
+        async with self.assign_lock:
+            self.plan_id = int(meta.get("plan_id", 0))
+            try:
+                if _layout(meta) != _layout(self.assignment) or self.stage is None:
+                    self.stage = None
+                    await self._load(meta)
+                self.assignment = meta
+                await self._link_next(meta.get("next"))
+            except Exception as error:  # noqa: BLE001 - reported to the gateway, which decides
+                log.exception("assignment failed")
+                self.gateway.send(error_frame("assign_failed", f"{type(error).__name__}: {error}"))
+                return
+            self.active_slots.clear()
+            self.gateway.send(Frame(Kind.READY, 0, {"node_id": self.node_id, "plan": meta}))
+
+    async def _link_next(self, following: dict[str, Any] | None) -> None:
+        old, self.next_stage = self.next_stage, None
+        if old is not None and not old.closed:
+            old.close()
+        if following:
+            self.next_stage = await self.dialer.dial(
+                following["host"], following["port"], self, self._hello()
+            )
 
     async def _load(self, meta: dict[str, Any]) -> None:
         model_dir = await asyncio.to_thread(resolve, meta["model"], False)
@@ -207,6 +240,8 @@ class WorkerNode:
             source, frame = await self.batches.get()
             try:
                 batch = self._parse(frame)
+                if batch is None:
+                    continue
                 started = time.perf_counter()
                 result = await loop.run_in_executor(self.executor, self._run, batch)
                 self.step_seconds = time.perf_counter() - started
@@ -220,8 +255,10 @@ class WorkerNode:
                 log.exception("batch %d failed", frame.message_id)
                 self._report(source, error_frame("stage_failed", str(error), frame.message_id))
 
-    def _parse(self, frame: Frame) -> Batch:
-        assert self.stage is not None and self.config is not None and self.plan is not None
+    def _parse(self, frame: Frame) -> Batch | None:
+        """Validate a batch (FrameError if malformed); None if it belongs to an older plan."""
+        if self.stage is None or self.config is None or self.plan is None:
+            raise FrameError("not_ready", "this worker is loading its assignment")
         batch = parse_batch(
             frame,
             self.plan,
@@ -229,11 +266,13 @@ class WorkerNode:
             self.config.vocab_size,
             self.settings.torch_dtype(),
         )
+        if frame.meta.get("plan_id") != self.plan_id:
+            log.info("dropped batch %d of plan %s", frame.message_id, frame.meta.get("plan_id"))
+            return None
+        requests = frame.meta.get("requests")
         for span in batch.spans:
-            if span.start == 0 or span.slot not in self.active_slots:
-                self.active_slots[span.slot] = frame.meta.get("requests", {}).get(
-                    str(span.slot), ""
-                )
+            owner = requests.get(str(span.slot), "") if isinstance(requests, dict) else ""
+            self.active_slots[span.slot] = str(owner)
         return batch
 
     def _run(self, batch: Batch) -> torch.Tensor:
@@ -264,3 +303,9 @@ class WorkerNode:
             source.send(frame)
             if self.gateway is not None and source is not self.gateway:
                 self.gateway.send(frame)
+
+
+def _layout(assignment: dict[str, Any]) -> tuple:
+    """What decides the weights and cache a stage holds."""
+    keys = ("model", "layer_start", "layer_end", "num_slots", "max_seq_len")
+    return tuple(assignment.get(key) for key in keys)

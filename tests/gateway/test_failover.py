@@ -1,0 +1,227 @@
+"""A living mesh: real workers killed with SIGKILL in the middle of streaming generations."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.cluster import Process, free_port, meshpipe, start_auto
+
+STORY = [{"role": "user", "content": "Write a long story about a dragon who learns to bake bread."}]
+LENGTH = 64
+
+
+def request(model: str, max_tokens: int = LENGTH) -> dict:
+    return {"model": model, "messages": STORY, "max_tokens": max_tokens, "temperature": 0}
+
+
+def undisturbed(url: str, model: str) -> str:
+    response = httpx.post(f"{url}/v1/chat/completions", json=request(model), timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["message"]["content"]
+
+
+def stream_and_kill(
+    url: str, model: str, pid: int, after_chunks: int = 8
+) -> tuple[str, list[dict], float]:
+    """Stream a generation and SIGKILL `pid` once `after_chunks` content chunks arrived;
+    returns the text, every event, and when the kill happened."""
+    text, events, seen, killed_at = [], [], 0, 0.0
+    with httpx.stream(
+        "POST", f"{url}/v1/chat/completions", json=request(model) | {"stream": True}, timeout=120
+    ) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[len("data: ") :])
+            events.append(event)
+            if "error" in event:
+                break
+            content = event["choices"][0]["delta"].get("content")
+            if content:
+                text.append(content)
+                seen += 1
+                if seen == after_chunks:
+                    killed_at = time.monotonic()
+                    os.kill(pid, signal.SIGKILL)
+    return "".join(text), events, killed_at
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.05) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if predicate():
+            return time.monotonic() - started
+        time.sleep(interval)
+    raise TimeoutError(f"condition not met within {timeout}s")
+
+
+def test_standby_takes_over_mid_stream(default_model: Path) -> None:
+    cluster = start_auto(default_model, 2, "--spare", "1")
+    try:
+        status = cluster.status()
+        assert len(status["pipeline"]["standby"]) == 1
+        expected = undisturbed(cluster.url, cluster.model)
+        victim = status["stages"][1]
+        text, events, _ = stream_and_kill(cluster.url, cluster.model, victim["pid"])
+        assert not any("error" in e for e in events)
+        assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+        assert text == expected
+        after = cluster.status()
+        assert victim["worker_id"] not in [s["worker_id"] for s in after["stages"]]
+        assert [s["layers"] for s in after["stages"]] == [[0, 15], [15, 30]]
+        assert any(
+            e["event"] == "left" and e["worker"] == victim["worker_id"]
+            for e in after["pipeline"]["events"]
+        )
+    finally:
+        cluster.process.stop()
+
+
+def test_kill_is_noticed_within_two_seconds(tiny_model: Path) -> None:
+    cluster = start_auto(tiny_model, 2, "--spare", "1")
+    try:
+        victim = cluster.status()["stages"][0]
+        os.kill(victim["pid"], signal.SIGKILL)
+
+        def gone() -> bool:
+            workers = cluster.status()["pipeline"]["workers"]
+            return victim["worker_id"] not in [w["worker_id"] for w in workers]
+
+        assert wait_until(gone, 5) < 2.0
+
+        def ready() -> bool:
+            return cluster.status()["pipeline"]["ready"]
+
+        wait_until(ready, 30)
+        answer = httpx.post(
+            f"{cluster.url}/v1/chat/completions", json=request(cluster.model, 4), timeout=60
+        )
+        assert answer.status_code == 200
+    finally:
+        cluster.process.stop()
+
+
+class ManualMesh:
+    """A gateway and workers started one by one, each worker offering little memory."""
+
+    def __init__(self, model: Path, stages: int, memory: int) -> None:
+        self.port, self.mesh_port = free_port(), free_port(socket.SOCK_DGRAM)
+        self.token = "mp1-test-token-for-failover"
+        self.memory = memory
+        self.env = os.environ | {"MESHPIPE_JOIN_TOKEN": self.token}
+        self.gateway = meshpipe(
+            "gateway",
+            "--model",
+            str(model),
+            "--port",
+            str(self.port),
+            "--mesh-port",
+            str(self.mesh_port),
+            "--stages",
+            str(stages),
+            env=self.env,
+        )
+        self.gateway.wait_for("meshpipe gateway:", 60)
+        self.workers: list[Process] = []
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def add_worker(self, name: str) -> Process:
+        worker = meshpipe(
+            "worker",
+            "--gateway",
+            f"127.0.0.1:{self.mesh_port}",
+            "--join",
+            self.token,
+            "--id",
+            name,
+            "--threads",
+            "1",
+            "--max-memory",
+            str(self.memory),
+            env=self.env,
+        )
+        self.workers.append(worker)
+        return worker
+
+    def status(self) -> dict:
+        return httpx.get(f"{self.url}/api/status", timeout=10).json()
+
+    def model(self) -> str:
+        return httpx.get(f"{self.url}/v1/models", timeout=10).json()["data"][0]["id"]
+
+    def stop(self) -> None:
+        for process in [*self.workers, self.gateway]:
+            process.stop()
+
+
+# The default model needs about 1.4 GB at fp32 with its 8-slot KV cache: each worker offers
+# 1 GB, so two can hold it but one cannot.
+SMALL_MEMORY = 1 << 30
+
+
+@pytest.fixture()
+def manual(default_model: Path):
+    mesh = ManualMesh(default_model, 2, SMALL_MEMORY)
+    yield mesh
+    mesh.stop()
+
+
+def test_no_route_left_ends_streams_then_recovers(manual: ManualMesh) -> None:
+    manual.add_worker("alpha")
+    manual.add_worker("beta")
+    wait_until(lambda: manual.status()["pipeline"]["ready"], 120)
+    model = manual.model()
+    first, victim = manual.status()["stages"]
+    _, events, killed_at = stream_and_kill(manual.url, model, victim["pid"])
+    ended = time.monotonic()
+    assert "error" in events[-1], events[-1]
+    assert events[-1]["error"]["code"] == "pipeline_unavailable"
+    assert ended - killed_at < 2.5
+    health = httpx.get(f"{manual.url}/health", timeout=5)
+    assert health.status_code == 200 and health.json()["ready"] is False
+    refused = httpx.post(f"{manual.url}/v1/chat/completions", json=request(model, 4), timeout=10)
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "pipeline_unavailable"
+    manual.add_worker("gamma")
+    wait_until(lambda: manual.status()["pipeline"]["ready"], 120)
+    answer = httpx.post(f"{manual.url}/v1/chat/completions", json=request(model, 4), timeout=60)
+    assert answer.status_code == 200
+    assert {s["worker_id"] for s in manual.status()["stages"]} == {first["worker_id"], "gamma"}
+
+
+def test_worker_joining_mid_load_gets_work(default_model: Path) -> None:
+    """Three stages wanted, two workers: the route starts with two, and a third worker joining
+    while streams run gets a share of the layers; every stream still completes unchanged."""
+    mesh = ManualMesh(default_model, 3, 8 << 30)
+    try:
+        mesh.add_worker("alpha")
+        mesh.add_worker("beta")
+        wait_until(lambda: mesh.status()["pipeline"]["ready"], 120)
+        model = mesh.model()
+        assert len(mesh.status()["stages"]) == 2
+        expected = undisturbed(mesh.url, model)
+        import concurrent.futures
+
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(undisturbed, mesh.url, model) for _ in range(3)]
+            time.sleep(1.0)
+            mesh.add_worker("gamma")
+            results = [future.result(timeout=180) for future in futures]
+        assert results == [expected] * 3
+        wait_until(lambda: mesh.status()["pipeline"]["ready"], 60)
+        stages = mesh.status()["stages"]
+        assert sorted(s["worker_id"] for s in stages[:2]) == ["alpha", "beta"]
+        assert stages[2]["worker_id"] == "gamma"  # the newest joiner
+        assert [s["layers"] for s in stages] == [[0, 10], [10, 20], [20, 30]]
+        assert undisturbed(mesh.url, model) == expected
+        assert mesh.status()["stages"][2]["steps"] > 0
+    finally:
+        mesh.stop()
