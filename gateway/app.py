@@ -17,7 +17,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from gateway.errors import APIError, InvalidRequest, MethodNotAllowed, NotFound
+from gateway import events as console
+from gateway.errors import APIError, InvalidRequest, MethodNotAllowed, ModelNotFound, NotFound
 from gateway.mesh import Mesh
 from gateway.metrics import Metrics
 from gateway.protocol import ChatCompletionRequest
@@ -27,15 +28,41 @@ WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 MAX_BODY_BYTES = 8 << 20
 
 
-@dataclass
-class GatewayState:
-    """What the routes reach: one served model for now."""
+@dataclass(frozen=True)
+class ServedModel:
+    """One model the gateway serves: its chat service (engine inside) and its mesh."""
 
+    name: str
     service: ChatService
     mesh: Mesh
+
+
+@dataclass
+class GatewayState:
+    """What the routes reach: every served model, by the name clients ask for."""
+
+    models: dict[str, ServedModel]
     metrics: Metrics
     join_token: str
     started: float
+
+    @property
+    def first(self) -> ServedModel:
+        return next(iter(self.models.values()))
+
+    @property
+    def service(self) -> ChatService:
+        """The first model's service (the only one in a single-model gateway)."""
+        return self.first.service
+
+    @property
+    def mesh(self) -> Mesh:
+        return self.first.mesh
+
+    def model(self, name: str) -> ServedModel:
+        if name not in self.models:
+            raise ModelNotFound(f"The model '{name}' does not exist", "model")
+        return self.models[name]
 
 
 def _state(request: Request) -> GatewayState:
@@ -65,8 +92,8 @@ async def _parse_chat_request(request: Request) -> ChatCompletionRequest:
 
 
 async def chat_completions(request: Request) -> Response:
-    service = _state(request).service
     chat_request = await _parse_chat_request(request)
+    service = _state(request).model(chat_request.model).service
     completion = service.start(chat_request)
     if not chat_request.stream:
         return JSONResponse(await service.complete(completion))
@@ -83,18 +110,16 @@ async def chat_completions(request: Request) -> Response:
 
 async def models(request: Request) -> Response:
     state = _state(request)
-    model = {
-        "id": state.service.model_name,
-        "object": "model",
-        "created": int(state.started),
-        "owned_by": "meshpipe",
-    }
-    return JSONResponse({"object": "list", "data": [model]})
+    data = [
+        {"id": name, "object": "model", "created": int(state.started), "owned_by": "meshpipe"}
+        for name in state.models
+    ]
+    return JSONResponse({"object": "list", "data": data})
 
 
 async def health(request: Request) -> Response:
     state = _state(request)
-    ready = state.mesh.live
+    ready = all(model.mesh.live for model in state.models.values())
     return JSONResponse({"status": "ok" if ready else "starting", "ready": ready})
 
 
@@ -111,6 +136,10 @@ async def status(request: Request) -> Response:
         "engine": state.service.engine.status(),
     }
     body["stages"] = body["pipeline"]["stages"]
+    body["models"] = [
+        {"name": name, "pipeline": m.mesh.status(), "engine": m.service.engine.status()}
+        for name, m in state.models.items()
+    ]
     if _is_local(request):
         body["join_token"] = state.join_token
     return JSONResponse(body)
@@ -153,6 +182,8 @@ def build_app(state: GatewayState) -> Starlette:
         Route("/health", health, methods=["GET"]),
         Route("/api/status", status, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/api/events", console.events, methods=["GET"]),
+        Route("/api/models", console.models, methods=["GET"]),
     ]
     if WEB_DIR.is_dir():
         routes.append(Mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web"))

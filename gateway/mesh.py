@@ -125,6 +125,10 @@ class Mesh:
         self.first_join: float | None = None
         self.events: list[dict[str, Any]] = []
 
+    def shortfall(self) -> int:
+        """How many more workers this mesh wants (negative: it has standbys)."""
+        return self.num_stages - len(self.workers)
+
     # -- life ------------------------------------------------------------------------------
 
     async def monitor(self) -> None:
@@ -348,3 +352,30 @@ class Mesh:
             "standby": [w.node_id for w in self.workers.values() if w not in self.route],
             "events": self.events[-20:],
         }
+
+
+class MeshRouter:
+    """One QUIC endpoint for the meshes of every served model: a worker belongs to the mesh it
+    registered with (the model it asked for, else the one most short of workers)."""
+
+    def __init__(self, meshes: dict[str, Mesh]) -> None:
+        self.meshes = meshes
+        self.owner: dict[MeshConnection, Mesh] = {}
+
+    def on_frame(self, connection: MeshConnection, frame: Frame) -> None:
+        if frame.kind == Kind.REGISTER and connection not in self.owner:
+            self.owner[connection] = self._choose(frame.meta)
+        mesh = self.owner.get(connection)
+        if mesh is not None:
+            mesh.on_frame(connection, frame)
+
+    def on_closed(self, connection: MeshConnection) -> None:
+        mesh = self.owner.pop(connection, None)
+        if mesh is not None:
+            mesh.on_closed(connection)
+
+    def _choose(self, meta: dict[str, Any]) -> Mesh:
+        wanted = meta.get("model")
+        if isinstance(wanted, str) and wanted in self.meshes:
+            return self.meshes[wanted]
+        return max(self.meshes.values(), key=lambda mesh: mesh.shortfall())

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import uvicorn
 
-from gateway.app import GatewayState, build_app
+from gateway.app import GatewayState, ServedModel, build_app
 from gateway.engine import Engine, EngineSettings
-from gateway.mesh import Mesh
+from gateway.mesh import Mesh, MeshRouter
 from gateway.metrics import Metrics
 from gateway.service import ChatService
 from gateway.text import ChatFormat
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 class GatewaySettings:
     """Everything the gateway is told on its command line."""
 
-    model: str
+    models: tuple[str, ...]
     token: str
     host: str = "127.0.0.1"
     port: int = 9337
@@ -51,10 +51,10 @@ def served_name(spec: str, model_dir: Path) -> str:
     return Path(spec).stem if spec.endswith(".gguf") else model_dir.name
 
 
-async def serve(settings: GatewaySettings) -> None:
-    model_dir = await asyncio.to_thread(resolve, settings.model, True)
+async def load_model(spec: str, settings: GatewaySettings, metrics: Metrics) -> ServedModel:
+    """Tokenizer, engine and mesh of one served model."""
+    model_dir = await asyncio.to_thread(resolve, spec, True)
     config = ModelConfig.from_dir(model_dir)
-    metrics = Metrics()
     engine_settings = EngineSettings(
         num_slots=settings.num_slots,
         max_seq_len=min(settings.max_seq_len, config.max_position_embeddings),
@@ -64,10 +64,21 @@ async def serve(settings: GatewaySettings) -> None:
     )
     engine = Engine(engine_settings, ChatFormat(model_dir), set(config.eos_token_ids), metrics)
     mesh = Mesh(engine, str(model_dir), config, settings.stages)
+    name = settings.served_name if len(settings.models) == 1 and settings.served_name else ""
+    name = name or served_name(spec, model_dir)
+    return ServedModel(name, ChatService(name, engine), mesh)
+
+
+async def serve(settings: GatewaySettings) -> None:
+    metrics = Metrics()
+    served = [await load_model(spec, settings, metrics) for spec in settings.models]
+    models = {model.name: model for model in served}
+    if len(models) != len(served):
+        raise SystemExit("error: two --model options give the same model name")
     identity = load_or_create_identity(dirs.config_dir() / "nodes", "gateway")
-    quic = await listen(settings.mesh_host, settings.mesh_port, identity, mesh, settings.token)
-    name = settings.served_name or served_name(settings.model, model_dir)
-    state = GatewayState(ChatService(name, engine), mesh, metrics, settings.token, time.time())
+    router = MeshRouter({name: model.mesh for name, model in models.items()})
+    quic = await listen(settings.mesh_host, settings.mesh_port, identity, router, settings.token)
+    state = GatewayState(models, metrics, settings.token, time.time())
     server = uvicorn.Server(
         uvicorn.Config(
             build_app(state),
@@ -79,11 +90,13 @@ async def serve(settings: GatewaySettings) -> None:
         )
     )
     print(
-        f"meshpipe gateway: http://{settings.host}:{settings.port}/v1 serving {name!r}, "
-        f"mesh on udp {settings.mesh_host}:{bound_port(quic)}",
+        f"meshpipe gateway: http://{settings.host}:{settings.port}/v1 serving "
+        f"{', '.join(repr(name) for name in models)}, mesh on udp "
+        f"{settings.mesh_host}:{bound_port(quic)}",
         flush=True,
     )
-    tasks = [asyncio.create_task(engine.run()), asyncio.create_task(mesh.monitor())]
+    tasks = [asyncio.create_task(model.service.engine.run()) for model in served]
+    tasks += [asyncio.create_task(model.mesh.monitor()) for model in served]
     try:
         await server.serve()
     finally:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.engine import Delta, Engine, GenerationParams, Sequence
-from gateway.errors import ContextTooLong, ModelNotFound
+from gateway.errors import ContextTooLong
 from gateway.protocol import ChatCompletionRequest
 
 
@@ -54,8 +54,6 @@ class ChatService:
 
     def start(self, request: ChatCompletionRequest) -> Completion:
         """Validate against the model and context, then queue in the engine."""
-        if request.model != self.model_name:
-            raise ModelNotFound(f"The model '{request.model}' does not exist", "model")
         messages = [{"role": m.role, "content": m.text()} for m in request.messages]
         prompt = self.engine.chat.encode_chat(messages)
         context = self.engine.settings.max_seq_len

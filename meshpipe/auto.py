@@ -25,7 +25,7 @@ STOP_GRACE_SECONDS = 5.0
 
 @dataclass(frozen=True)
 class AutoSettings:
-    model: str
+    models: tuple[str, ...]
     stages: int = 2
     spare: int = 0
     max_waiting: int = 64
@@ -61,15 +61,11 @@ class Cluster:
         self.children: list[tuple[str, subprocess.Popen]] = []
         self.url = f"http://127.0.0.1:{settings.port}"
 
-    def start(self, model_path: str, name: str) -> None:
+    def start(self) -> None:
         s = self.settings
         env = os.environ | {"MESHPIPE_JOIN_TOKEN": new_join_token(), "PYTHONUNBUFFERED": "1"}
-        gateway = [
-            "gateway",
-            "--model",
-            model_path,
-            "--name",
-            name,
+        gateway = ["gateway", *(arg for model in s.models for arg in ("--model", model))]
+        gateway += [
             "--port",
             str(s.port),
             "--mesh-port",
@@ -84,8 +80,9 @@ class Cluster:
             str(s.max_waiting),
         ]
         self.children.append(("gateway", _spawn(gateway, env, s.verbose)))
-        threads = max(1, (os.cpu_count() or 1) // s.stages) if s.device == "cpu" else 0
-        for index in range(s.stages + s.spare):
+        count = s.stages * len(s.models) + s.spare
+        threads = max(1, (os.cpu_count() or 1) // count) if s.device == "cpu" else 0
+        for index in range(count):
             worker = [
                 "worker",
                 "--gateway",
@@ -112,22 +109,31 @@ class Cluster:
         if gateway.poll() is not None:
             raise ClusterFailed(f"{name} exited with status {gateway.returncode}")
 
-    def wait_ready(self, name: str) -> dict:
-        """Poll until the pipeline answers a real one-token completion; returns /api/status."""
+    def wait_ready(self) -> dict:
+        """Poll until every model answers a real one-token completion; returns /api/status."""
         deadline = time.monotonic() + self.settings.ready_timeout
-        request = {"model": name, "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
         with httpx.Client(base_url=self.url, timeout=30) as client:
             while time.monotonic() < deadline:
                 self.check_alive()
                 try:
-                    if client.get("/health").json().get("ready"):
-                        answer = client.post("/v1/chat/completions", json=request)
-                        if answer.status_code == 200:
-                            return client.get("/api/status").json()
+                    if client.get("/health").json().get("ready") and self._all_answer(client):
+                        return client.get("/api/status").json()
                 except httpx.HTTPError:
                     pass
                 time.sleep(0.25)
         raise ClusterFailed(f"the pipeline did not answer within {self.settings.ready_timeout}s")
+
+    @staticmethod
+    def _all_answer(client: httpx.Client) -> bool:
+        names = [model["id"] for model in client.get("/v1/models").json()["data"]]
+        hello = [{"role": "user", "content": "hi"}]
+        return all(
+            client.post(
+                "/v1/chat/completions", json={"model": name, "max_tokens": 1, "messages": hello}
+            ).status_code
+            == 200
+            for name in names
+        )
 
     def stop(self) -> None:
         """SIGTERM every child, then SIGKILL what is still there after a grace period."""
@@ -144,22 +150,24 @@ class Cluster:
 
 
 def _print_ready(url: str, status: dict, seconds: float) -> None:
-    print(f"\nmeshpipe is ready after {seconds:.1f}s: {url}/v1  (model {status['model']!r})")
-    for stage in status["stages"]:
-        start, end = stage["layers"]
-        print(
-            f"  stage {stage['index']}: layers [{start}, {end}) on {stage['worker_id']} "
-            f"(pid {stage['pid']}, {stage['device']}, {stage['dtype']}, {stage['address']})"
-        )
+    print(f"\nmeshpipe is ready after {seconds:.1f}s: {url}/v1")
+    for model in status["models"]:
+        print(f"  model {model['name']!r}:")
+        for stage in model["pipeline"]["stages"]:
+            start, end = stage["layers"]
+            print(
+                f"    stage {stage['index']}: layers [{start}, {end}) on {stage['worker_id']} "
+                f"(pid {stage['pid']}, {stage['device']}, {stage['dtype']}, {stage['address']})"
+            )
+        for standby in model["pipeline"]["standby"]:
+            print(f"    standby: {standby}")
     print(f"  console: {url}/   metrics: {url}/metrics   Ctrl-C stops the cluster\n", flush=True)
 
 
 def run(settings: AutoSettings) -> None:
-    from gateway.server import served_name
-
     started = time.monotonic()
-    model_dir = resolve(settings.model, True)
-    name = served_name(settings.model, model_dir)
+    for model in settings.models:
+        resolve(model, True)  # pull or convert once, here, with a progress bar
     cluster = Cluster(settings)
 
     def terminate(signum: int, frame: object) -> None:
@@ -167,8 +175,8 @@ def run(settings: AutoSettings) -> None:
 
     signal.signal(signal.SIGTERM, terminate)
     try:
-        cluster.start(str(model_dir), name)
-        _print_ready(cluster.url, cluster.wait_ready(name), time.monotonic() - started)
+        cluster.start()
+        _print_ready(cluster.url, cluster.wait_ready(), time.monotonic() - started)
         while True:
             cluster.check_gateway()
             time.sleep(0.5)

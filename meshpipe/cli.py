@@ -23,8 +23,10 @@ def _host_port(value: str) -> tuple[str, int]:
 
 def _add_gateway(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("gateway", help="run the HTTP gateway and the mesh's QUIC endpoint")
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--name", default="", help="model name served to clients")
+    p.add_argument(
+        "--model", action="append", help=f"model to serve, repeatable (default {DEFAULT_MODEL})"
+    )
+    p.add_argument("--name", default="", help="name served to clients (a single model only)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (loopback by default)")
     p.add_argument("--port", type=int, default=9337)
     p.add_argument("--mesh-host", default="127.0.0.1")
@@ -48,12 +50,15 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--id", default="", help="node id (default: random)")
     p.add_argument("--max-memory", type=int, default=0, help="bytes offered to the planner")
+    p.add_argument("--model", default="", help="serve this model (default: where needed)")
 
 
 def _add_auto(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("auto", help="start a whole local cluster: gateway plus N workers")
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--stages", type=int, default=2)
+    p.add_argument(
+        "--model", action="append", help=f"model to serve, repeatable (default {DEFAULT_MODEL})"
+    )
+    p.add_argument("--stages", type=int, default=2, help="stages per model")
     p.add_argument("--spare", type=int, default=0, help="standby workers for failover")
     p.add_argument("--port", type=int, default=9337)
     p.add_argument("--mesh-port", type=int, default=9338)
@@ -112,7 +117,7 @@ def run_gateway(args: argparse.Namespace) -> None:
     token = _token(args.token, create=True)
     print(f"join token: {token}", flush=True)
     settings = GatewaySettings(
-        model=args.model,
+        models=tuple(args.model or [DEFAULT_MODEL]),
         token=token,
         host=args.host,
         port=args.port,
@@ -143,6 +148,7 @@ def run_worker(args: argparse.Namespace) -> None:
         threads=args.threads,
         node_id=args.id,
         max_memory=args.max_memory,
+        model=args.model,
     )
     asyncio.run(WorkerNode(settings).run())
 
@@ -167,7 +173,7 @@ def run_auto(args: argparse.Namespace) -> None:
 
     run(
         AutoSettings(
-            model=args.model,
+            models=tuple(args.model or [DEFAULT_MODEL]),
             stages=args.stages,
             spare=args.spare,
             max_waiting=args.max_waiting,

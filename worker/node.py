@@ -51,6 +51,7 @@ class WorkerSettings:
     threads: int = 0
     node_id: str = ""
     max_memory: int = 0
+    model: str = ""
 
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
@@ -134,6 +135,7 @@ class WorkerNode:
             "device": self.settings.device,
             "dtype": self.settings.dtype,
             "memory": offered,
+            "model": self.settings.model,
             "models": [model["name"] for model in installed() if model["complete"]],
         }
 
