@@ -112,6 +112,16 @@ class Entry:
     sampled: bool
 
 
+@dataclass
+class Totals:
+    """Cumulative counts since the engine started; the console turns them into rates."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    stage_tokens: dict[int, int] = field(default_factory=dict)
+    stage_seconds: dict[int, float] = field(default_factory=dict)
+
+
 class Pipeline:
     """What the engine needs of the mesh: send a batch to the first stage, release slots."""
 
@@ -140,6 +150,7 @@ class Engine:
         self.batch_ids = itertools.count(1)
         self.wakeup = asyncio.Event()
         self.on_finished: Callable[[Sequence], None] | None = None
+        self.totals = Totals()
 
     # -- requests --------------------------------------------------------------------------
 
@@ -188,6 +199,7 @@ class Engine:
             sequence.slot = self.free_slots.pop()
             self.running.append(sequence)
             self.metrics.prompt_tokens.inc(len(sequence.prompt))
+            self.totals.prompt_tokens += len(sequence.prompt)
         self._update_gauges()
 
     def _next_batch(self) -> list[Entry]:
@@ -259,6 +271,7 @@ class Engine:
         sequence.last_token_at = now
         sequence.generated.append(token)
         self.metrics.generated_tokens.inc()
+        self.totals.generated_tokens += 1
         text, stopped = ("", False)
         if token not in self.eos_ids:
             text, stopped = sequence.stop.push(sequence.detokenizer.push(token))
@@ -288,6 +301,9 @@ class Engine:
             if isinstance(seconds, (int, float)):
                 self.metrics.stage_step.labels(str(stage)).observe(seconds)
                 self.metrics.stage_batch_tokens.labels(str(stage)).observe(tokens)
+                totals = self.totals
+                totals.stage_tokens[stage] = totals.stage_tokens.get(stage, 0) + tokens
+                totals.stage_seconds[stage] = totals.stage_seconds.get(stage, 0.0) + seconds
 
     def _retire(self, sequence: Sequence) -> None:
         """Give the sequence's slot back, here and on every stage."""

@@ -1,9 +1,9 @@
 """The console's feeds: `GET /api/events` (the mesh and its figures, live, as SSE) and
 `GET /api/models` (what is installed, what is served).
 
-Every figure is read from objects the gateway already keeps: the mesh registry, the engine, and
-the Prometheus counters. Rates are differences of cumulative counters over the last few seconds,
-computed per connection, so the feed holds no state beyond the life of one client.
+Every figure is read from objects the gateway already keeps: each served model's mesh registry
+and engine (its cumulative `totals`). Rates are differences of those counters over the last few
+seconds, computed per connection, so the feed holds no state beyond the life of one client.
 """
 
 from __future__ import annotations
@@ -21,12 +21,13 @@ from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from gateway.metrics import Metrics
+from gateway.engine import Engine
+from gateway.mesh import Mesh
 from meshpipe.models.catalog import installed
 from meshpipe.quic import MeshConnection
 
 if TYPE_CHECKING:
-    from gateway.app import GatewayState
+    from gateway.app import GatewayState, ServedModel
 
 # A client gets an update at least this often, and within POLL_INTERVAL of a topology change.
 UPDATE_INTERVAL = 1.0
@@ -38,44 +39,34 @@ RATE_WINDOW = 3.0
 
 @dataclass(frozen=True)
 class Counters:
-    """Cumulative figures read at one moment."""
+    """One engine's cumulative figures, read at one moment."""
 
     at: float
     """`time.monotonic()` when they were read."""
-    generated: float
-    """Tokens sampled since the gateway started."""
-    prompt: float
+    prompt: int
     """Prompt tokens admitted since the gateway started."""
-    stage_tokens: dict[str, float]
+    generated: int
+    """Tokens sampled since the gateway started."""
+    stage_tokens: dict[int, int]
     """Tokens each stage (by index) has run through its layers."""
-    stage_seconds: dict[str, float]
+    stage_seconds: dict[int, float]
     """Seconds each stage (by index) has spent computing."""
 
 
-def _label_sums(histogram: Any) -> dict[str, float]:
-    """The `_sum` sample of every `stage` label of a histogram."""
-    sums: dict[str, float] = {}
-    for family in histogram.collect():
-        for sample in family.samples:
-            if sample.name.endswith("_sum"):
-                sums[sample.labels["stage"]] = sample.value
-    return sums
-
-
-def read_counters(metrics: Metrics) -> Counters:
-    """Read the counters the live figures are derived from."""
-    value = metrics.registry.get_sample_value
+def read_counters(engine: Engine) -> Counters:
+    """Copy the engine's totals."""
+    totals = engine.totals
     return Counters(
         at=time.monotonic(),
-        generated=value("meshpipe_generation_tokens_total") or 0.0,
-        prompt=value("meshpipe_prompt_tokens_total") or 0.0,
-        stage_tokens=_label_sums(metrics.stage_batch_tokens),
-        stage_seconds=_label_sums(metrics.stage_step),
+        prompt=totals.prompt_tokens,
+        generated=totals.generated_tokens,
+        stage_tokens=dict(totals.stage_tokens),
+        stage_seconds=dict(totals.stage_seconds),
     )
 
 
 class RateMeter:
-    """Rates of the counters over the last `window` seconds."""
+    """Rates of one engine's counters over the last `window` seconds."""
 
     def __init__(self, window: float = RATE_WINDOW) -> None:
         self.window = window
@@ -93,13 +84,13 @@ class RateMeter:
 
         stages = [
             {
-                "stage": int(stage),
-                "tokens_per_second": rate(tokens, first.stage_tokens.get(stage, 0.0)),
+                "stage": stage,
+                "tokens_per_second": rate(tokens, first.stage_tokens.get(stage, 0)),
                 "busy": rate(
                     now.stage_seconds.get(stage, 0.0), first.stage_seconds.get(stage, 0.0)
                 ),
             }
-            for stage, tokens in sorted(now.stage_tokens.items(), key=lambda item: int(item[0]))
+            for stage, tokens in sorted(now.stage_tokens.items())
         ]
         return {
             "generated_tokens_per_second": rate(now.generated, first.generated),
@@ -119,9 +110,8 @@ def link_rtt_ms(connection: MeshConnection) -> float | None:
     return round(float(recovery._rtt_smoothed) * 1000, 3)
 
 
-def topology(state: GatewayState) -> dict[str, Any]:
+def topology(mesh: Mesh) -> dict[str, Any]:
     """The mesh's status, each worker with the RTT of its link to the gateway."""
-    mesh = state.mesh
     pipeline = mesh.status()
     rtts = {w.node_id: link_rtt_ms(w.connection) for w in list(mesh.workers.values())}
     for worker in pipeline["stages"] + pipeline["workers"]:
@@ -129,31 +119,63 @@ def topology(state: GatewayState) -> dict[str, Any]:
     return pipeline
 
 
-def snapshot(state: GatewayState, meter: RateMeter) -> dict[str, Any]:
+def model_snapshot(model: ServedModel, meter: RateMeter) -> dict[str, Any]:
+    """One served model: its pipeline, its engine and its rates."""
+    engine = model.service.engine
+    return {
+        "name": model.name,
+        "pipeline": topology(model.mesh),
+        "engine": engine.status(),
+        "rates": meter.update(read_counters(engine)),
+    }
+
+
+def gateway_figures(models: list[dict[str, Any]]) -> dict[str, Any]:
+    """The sums over every served model."""
+    engines = [model["engine"] for model in models]
+    return {
+        "generated_tokens_per_second": sum(
+            m["rates"]["generated_tokens_per_second"] for m in models
+        ),
+        "prompt_tokens_per_second": sum(m["rates"]["prompt_tokens_per_second"] for m in models),
+        "running": sum(len(engine["running"]) for engine in engines),
+        "waiting": sum(engine["waiting"] for engine in engines),
+        "slots": sum(engine["slots"] for engine in engines),
+        "slots_used": sum(engine["slots_used"] for engine in engines),
+        "batches_in_flight": sum(engine["batches_in_flight"] for engine in engines),
+    }
+
+
+def snapshot(state: GatewayState, meters: dict[str, RateMeter]) -> dict[str, Any]:
     """Everything the console shows, at this moment."""
+    models = [
+        model_snapshot(model, meters.setdefault(name, RateMeter()))
+        for name, model in state.models.items()
+    ]
     return {
         "time": time.time(),
-        "model": state.service.model_name,
         "uptime": time.time() - state.started,
-        "pipeline": topology(state),
-        "engine": state.service.engine.status(),
-        "rates": meter.update(read_counters(state.metrics)),
+        "gateway": gateway_figures(models),
+        "models": models,
     }
 
 
 def _signature(body: dict[str, Any]) -> tuple:
     """What, when it changes, is worth an update before the next tick."""
-    pipeline, engine = body["pipeline"], body["engine"]
-    workers = tuple((w["worker_id"], str(w["layers"]), w["ready"]) for w in pipeline["workers"])
-    running = tuple(r["id"] for r in engine["running"])
-    return pipeline["ready"], pipeline["plan_id"], workers, running, engine["waiting"]
+    signature = []
+    for model in body["models"]:
+        pipeline, engine = model["pipeline"], model["engine"]
+        workers = [(w["worker_id"], str(w["layers"]), w["ready"]) for w in pipeline["workers"]]
+        running = [r["id"] for r in engine["running"]]
+        signature.append((pipeline["ready"], pipeline["plan_id"], workers, running))
+    return tuple(signature), body["gateway"]["waiting"]
 
 
 async def _updates(state: GatewayState) -> AsyncIterator[dict[str, str]]:
-    meter = RateMeter()
+    meters: dict[str, RateMeter] = {}
     kind, previous, sent_at = "snapshot", None, 0.0
     while True:
-        body = snapshot(state, meter)
+        body = snapshot(state, meters)
         signature = _signature(body)
         if signature != previous or time.monotonic() - sent_at >= UPDATE_INTERVAL:
             yield {"event": kind, "data": json.dumps(body, separators=(",", ":"))}
@@ -166,30 +188,33 @@ async def events(request: Request) -> Response:
     return EventSourceResponse(_updates(request.app.state.gateway), ping=15)
 
 
-def _installed_models(model_spec: str) -> list[dict[str, Any]]:
-    served = Path(model_spec).resolve()
+def _installed_models(served: list[str]) -> list[dict[str, Any]]:
+    paths = {Path(path).resolve() for path in served}
     return [
-        model | {"path": str(model["path"]), "served": Path(model["path"]).resolve() == served}
+        model | {"path": str(model["path"]), "served": Path(model["path"]).resolve() in paths}
         for model in installed()
     ]
 
 
+def _describe(model: ServedModel) -> dict[str, Any]:
+    config = model.mesh.config
+    return {
+        "name": model.name,
+        "path": model.mesh.model_spec,
+        "model_type": config.model_type,
+        "num_layers": config.num_layers,
+        "hidden_size": config.hidden_size,
+        "vocab_size": config.vocab_size,
+        "max_seq_len": model.service.engine.settings.max_seq_len,
+    }
+
+
 async def models(request: Request) -> Response:
-    """`GET /api/models`: the served model's shape, and every model installed here."""
+    """`GET /api/models`: every served model's shape, and every model installed here."""
     state: GatewayState = request.app.state.gateway
-    config = state.mesh.config
-    models = await asyncio.to_thread(_installed_models, state.mesh.model_spec)
+    served = list(state.models.values())
+    paths = [model.mesh.model_spec for model in served]
+    installed_models = await asyncio.to_thread(_installed_models, paths)
     return JSONResponse(
-        {
-            "served": {
-                "name": state.service.model_name,
-                "path": state.mesh.model_spec,
-                "model_type": config.model_type,
-                "num_layers": config.num_layers,
-                "hidden_size": config.hidden_size,
-                "vocab_size": config.vocab_size,
-                "max_seq_len": state.service.engine.settings.max_seq_len,
-            },
-            "installed": models,
-        }
+        {"served": [_describe(model) for model in served], "installed": installed_models}
     )
