@@ -78,6 +78,10 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     actions.add_parser("list", help="installed models")
     remove = actions.add_parser("rm", help="remove an installed model")
     remove.add_argument("name")
+    synth = actions.add_parser("synth", help="write a random-weight model with known shapes")
+    synth.add_argument("--preset", required=True, help="llama3-8b, llama3.2-1b or tiny")
+    synth.add_argument("--out", default=None, help="directory (default: the model cache)")
+    synth.add_argument("--device", default="cpu", help="where to draw the random numbers")
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -162,6 +166,14 @@ def run_models(args: argparse.Namespace) -> None:
         for model in catalog.installed():
             state = "complete" if model["complete"] else "INCOMPLETE"
             print(f"{model['name']:32} {model['size'] / 1e6:9.1f} MB  {state}  {model['path']}")
+    elif args.action == "synth":
+        from pathlib import Path
+
+        from meshpipe.models.synth import PRESETS, synth
+
+        if args.preset not in PRESETS:
+            raise ModelError(f"unknown preset {args.preset!r}; known: {', '.join(PRESETS)}")
+        print(synth(args.preset, Path(args.out) if args.out else None, device=args.device))
     elif args.action == "rm":
         if not catalog.remove(args.name):
             raise ModelError(f"model {args.name!r} is not installed")

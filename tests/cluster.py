@@ -89,6 +89,21 @@ class Cluster:
 
 
 def start_auto(model: Path | str, stages: int = 2, *extra: str, timeout: float = 300) -> Cluster:
+    """`meshpipe auto` on free ports; tried again if another process took a port meanwhile."""
+    for attempt in range(3):
+        try:
+            return _start_auto(model, stages, extra, timeout)
+        except PortTaken:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+class PortTaken(RuntimeError):
+    """The free port we picked was bound by someone else before our child could bind it."""
+
+
+def _start_auto(model: Path | str, stages: int, extra: tuple[str, ...], timeout: float) -> Cluster:
     port = free_port()
     verbose = ["--verbose"] if "--verbose" in extra else []
     extra = tuple(arg for arg in extra if arg != "--verbose")
@@ -105,7 +120,12 @@ def start_auto(model: Path | str, stages: int = 2, *extra: str, timeout: float =
         str(free_port(socket.SOCK_DGRAM)),
         *extra,
     )
-    process.wait_for("meshpipe is ready", timeout)
+    try:
+        process.wait_for("meshpipe is ready", timeout)
+    except RuntimeError:
+        if "address already in use" in process.output():
+            raise PortTaken(process.output()) from None
+        raise
     name = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()["data"][0]["id"]
     return Cluster(process, port, name)
 

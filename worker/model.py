@@ -64,11 +64,11 @@ class RMSNorm(nn.Module):
 class KVCache(nn.Module):
     """Keys and values of one layer for every slot: `[slots, kv_heads, max_seq_len, head_dim]`."""
 
-    def __init__(self, slots: int, kv_heads: int, max_seq_len: int, head_dim: int, dtype) -> None:
+    def __init__(self, shape: tuple[int, int, int, int], dtype, device) -> None:
         super().__init__()
-        shape = (slots, kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        cache = {"dtype": dtype, "device": device}
+        self.register_buffer("k_cache", torch.zeros(shape, **cache), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, **cache), persistent=False)
 
     def update(self, slots: Tensor, positions: Tensor, k: Tensor, v: Tensor) -> None:
         """Write `k`, `v` `[T, kv_heads, head_dim]` at (slot, position) of each token."""
@@ -97,6 +97,8 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, step.cos, step.sin), apply_rotary(k, step.cos, step.sin)
         assert self.kv_cache is not None
         self.kv_cache.update(step.slots, step.positions, k, v)
+        if step.all_decode:  # the common case, and the one captured in CUDA graphs
+            return self.o_proj(self._decode(q, step).reshape(tokens, -1))
         out = torch.empty_like(q)  # [T, H, hd]
         if step.decode_rows is not None:
             out[step.decode_rows] = self._decode(q[step.decode_rows], step)
@@ -195,6 +197,7 @@ class StepInputs:
     decode_slots: Tensor | None  # [B]
     decode_mask: Tensor | None  # [B, 1, 1, L] True where a key may be attended
     prefill: list[tuple[Span, slice]]  # multi-token spans and their rows
+    all_decode: bool = False  # every span is one token: no prefill, rows == decode rows
 
 
 class Stage(nn.Module):
@@ -218,59 +221,84 @@ class Stage(nn.Module):
         device = self.layers[0].input_layernorm.weight.device if self.layers else "cpu"
         self.inv_freq = rope_frequencies(self.config).to(device)
 
-    def allocate_cache(self, dtype: torch.dtype) -> None:
-        """Allocate the KV cache once, for every slot and the whole context."""
+    def allocate_cache(self, dtype: torch.dtype, extra_slots: int = 0) -> None:
+        """Allocate the KV cache once, for every slot and the whole context (plus scratch slots
+        that padded rows of CUDA-graph batches write to)."""
         config, plan = self.config, self.plan
-        device = self.inv_freq.device
+        shape = (
+            plan.num_slots + extra_slots,
+            config.num_kv_heads,
+            plan.max_seq_len,
+            config.head_dim,
+        )
         for layer in self.layers:
-            cache = KVCache(
-                plan.num_slots, config.num_kv_heads, plan.max_seq_len, config.head_dim, dtype
-            )
-            layer.self_attn.kv_cache = cache.to(device)
+            layer.self_attn.kv_cache = KVCache(shape, dtype, self.inv_freq.device)
+
+    def rotary(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos and sin `[T, hd]` of each token's position."""
+        angles = positions.float().unsqueeze(1) * self.inv_freq.unsqueeze(0)
+        angles = torch.cat((angles, angles), dim=-1)
+        return angles.cos(), angles.sin()
+
+    def decode_inputs(self, slots: Tensor, positions: Tensor, length: int) -> StepInputs:
+        """Inputs of a step where every sequence adds one token; tensor ops only (no host
+        synchronisation), so CUDA graphs can capture it. `length` bounds the positions."""
+        cos, sin = self.rotary(positions)
+        keys = torch.arange(length, device=positions.device)
+        mask = (keys.unsqueeze(0) <= positions.unsqueeze(1))[:, None, None, :]
+        return StepInputs(slots, positions, cos, sin, None, slots, mask, [], all_decode=True)
 
     def step_inputs(self, spans: list[Span]) -> StepInputs:
+        """Inputs of a mixed step, built on the host from the span list, then copied once."""
         device = self.inv_freq.device
-        slots = torch.tensor([s.slot for s in spans for _ in range(s.length)], device=device)
-        positions = torch.cat([torch.arange(s.start, s.start + s.length) for s in spans]).to(device)
-        angles = positions.float().unsqueeze(1) * self.inv_freq.unsqueeze(0)
-        angles = torch.cat((angles, angles), dim=-1)  # [T, hd]
-        decode, prefill, row = [], [], 0
-        for span in spans:
-            if span.length == 1:
-                decode.append((row, span))
-            else:
-                prefill.append((span, slice(row, row + span.length)))
-            row += span.length
-        inputs = StepInputs(slots, positions, angles.cos(), angles.sin(), None, None, None, prefill)
+        slots = [span.slot for span in spans for _ in range(span.length)]
+        positions = [p for span in spans for p in range(span.start, span.start + span.length)]
+        decode = [(row, span) for row, span in _rows(spans) if span.length == 1]
+        table = torch.tensor([slots, positions], dtype=torch.long).to(device, non_blocking=True)
+        if len(decode) == len(spans):
+            return self.decode_inputs(table[0], table[1], max(positions) + 1)
+        cos, sin = self.rotary(table[1])
+        prefill = [
+            (span, slice(row, row + span.length)) for row, span in _rows(spans) if span.length > 1
+        ]
+        step = StepInputs(table[0], table[1], cos, sin, None, None, None, prefill)
         if decode:
-            rows = torch.tensor([r for r, _ in decode], device=device)
-            ends = torch.tensor([s.start for _, s in decode], device=device)
-            length = int(ends.max()) + 1
-            mask = torch.arange(length, device=device).unsqueeze(0) <= ends.unsqueeze(1)
-            inputs.decode_rows = rows
-            inputs.decode_slots = torch.tensor([s.slot for _, s in decode], device=device)
-            inputs.decode_mask = mask[:, None, None, :]
-        return inputs
+            lists = [
+                [r for r, _ in decode],
+                [s.slot for _, s in decode],
+                [s.start for _, s in decode],
+            ]
+            rows, decode_slots, ends = torch.tensor(lists).to(device, non_blocking=True)
+            keys = torch.arange(max(lists[2]) + 1, device=device)
+            step.decode_rows, step.decode_slots = rows, decode_slots
+            step.decode_mask = (keys.unsqueeze(0) <= ends.unsqueeze(1))[:, None, None, :]
+        return step
 
     @torch.inference_mode()
     def forward(self, inputs: Tensor, spans: list[Span], sample_rows: list[int]) -> Tensor:
         """Run the stage: hidden states `[T, D]` out, or on the last stage the logits
         `[len(sample_rows), V]` of the chosen rows."""
-        step = self.step_inputs(spans)
+        rows = torch.tensor(sample_rows, dtype=torch.long).to(inputs.device, non_blocking=True)
+        return self.run(inputs, self.step_inputs(spans), rows)
+
+    def run(self, inputs: Tensor, step: StepInputs, sample_rows: Tensor | None) -> Tensor:
+        """The layers over prepared step inputs (all rows sampled when `sample_rows` is None)."""
         x = self.embed_tokens(inputs) if self.plan.is_first else inputs
         for layer in self.layers:
             x = layer(x, step)
         if not self.plan.is_last:
             return x
-        x = x[torch.tensor(sample_rows, dtype=torch.long, device=x.device)]
+        if sample_rows is not None:
+            x = x[sample_rows]
         return self.lm_head(self.norm(x)).float()
 
     def load(self, model_dir: Path) -> None:
         """Read only this stage's tensors from the model's safetensors files."""
         wanted = self._checkpoint_names()
+        device = self.inv_freq.device
         found: dict[str, Tensor] = {}
         for path in sorted(model_dir.glob("*.safetensors")):
-            with safe_open(str(path), framework="pt") as file:
+            with safe_open(str(path), framework="pt", device=str(device)) as file:
                 for name in file.keys():  # noqa: SIM118 - safe_open is not a dict
                     if name in wanted:
                         found[wanted[name]] = file.get_tensor(name)
@@ -300,3 +328,12 @@ class Stage(nn.Module):
                 if "model.embed_tokens.weight" in file.keys():  # noqa: SIM118
                     return file.get_tensor("model.embed_tokens.weight")
         raise ValueError(f"{model_dir} has no embedding to tie the head to")
+
+
+def _rows(spans: list[Span]) -> list[tuple[int, Span]]:
+    """Each span with the row of its first token in the packed batch."""
+    rows, row = [], 0
+    for span in spans:
+        rows.append((row, span))
+        row += span.length
+    return rows
