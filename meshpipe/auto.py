@@ -29,6 +29,7 @@ class AutoSettings:
     stages: int = 2
     spare: int = 0
     max_waiting: int = 64
+    max_batch_tokens: int = 256
     port: int = 9337
     mesh_port: int = 9338
     slots: int = 8
@@ -78,6 +79,8 @@ class Cluster:
             str(s.max_seq_len),
             "--max-waiting",
             str(s.max_waiting),
+            "--max-batch-tokens",
+            str(s.max_batch_tokens),
         ]
         self.children.append(("gateway", _spawn(gateway, env, s.verbose)))
         count = s.stages * len(s.models) + s.spare

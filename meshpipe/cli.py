@@ -51,6 +51,12 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--id", default="", help="node id (default: random)")
     p.add_argument("--max-memory", type=int, default=0, help="bytes offered to the planner")
     p.add_argument("--model", default="", help="serve this model (default: where needed)")
+    p.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="replay decode steps from CUDA graphs (cuda only)",
+    )
 
 
 def _add_auto(sub: argparse._SubParsersAction) -> None:
@@ -64,6 +70,7 @@ def _add_auto(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mesh-port", type=int, default=9338)
     p.add_argument("--slots", type=int, default=8)
     p.add_argument("--max-waiting", type=int, default=64, help="queued requests before 429")
+    p.add_argument("--max-batch-tokens", type=int, default=256, help="tokens per micro-batch")
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--device", choices=["cpu", "cuda", "mps"], default="cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
@@ -153,6 +160,7 @@ def run_worker(args: argparse.Namespace) -> None:
         node_id=args.id,
         max_memory=args.max_memory,
         model=args.model,
+        cuda_graphs=args.cuda_graphs,
     )
     asyncio.run(WorkerNode(settings).run())
 
@@ -189,6 +197,7 @@ def run_auto(args: argparse.Namespace) -> None:
             stages=args.stages,
             spare=args.spare,
             max_waiting=args.max_waiting,
+            max_batch_tokens=args.max_batch_tokens,
             verbose=args.verbose,
             port=args.port,
             mesh_port=args.mesh_port,

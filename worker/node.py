@@ -27,6 +27,7 @@ from meshpipe.models.config import ModelConfig
 from meshpipe.quic import Dialer, MeshConnection, bound_port, listen
 from meshpipe.wire import Frame, FrameError, Kind, error_frame
 from worker.batch import Batch, parse_batch
+from worker.cuda_graphs import DecodeGraphs
 from worker.model import Stage, StagePlan
 from worker.sampling import sample
 
@@ -52,6 +53,7 @@ class WorkerSettings:
     node_id: str = ""
     max_memory: int = 0
     model: str = ""
+    cuda_graphs: bool = True
 
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
@@ -98,6 +100,8 @@ class WorkerNode:
         self.plan_id = 0
         self.assignment: dict[str, Any] = {}
         self.assign_lock = asyncio.Lock()
+        self.graphs: DecodeGraphs | None = None
+        self._pinned: torch.Tensor | None = None
 
     # -- life ------------------------------------------------------------------------------
 
@@ -216,9 +220,12 @@ class WorkerNode:
             meta["num_slots"],
             meta["max_seq_len"],
         )
+        self.graphs = None
         stage = await asyncio.get_running_loop().run_in_executor(
             self.executor, self._build_stage, model_dir, config, plan
         )
+        if self.settings.device == "cuda" and self.settings.cuda_graphs:
+            self.graphs = DecodeGraphs(stage)
         self.config, self.plan, self.stage = config, plan, stage
 
     def _build_stage(self, model_dir, config: ModelConfig, plan: StagePlan) -> Stage:
@@ -231,7 +238,8 @@ class WorkerNode:
         stage = stage.to_empty(device=self.settings.device)
         stage.load(model_dir)
         stage.reset_rope()
-        stage.allocate_cache(dtype)
+        # One scratch slot for the padding rows of CUDA-graph batches.
+        stage.allocate_cache(dtype, extra_slots=1 if self.settings.device == "cuda" else 0)
         return stage.eval()
 
     # -- compute ---------------------------------------------------------------------------
@@ -280,11 +288,29 @@ class WorkerNode:
     def _run(self, batch: Batch) -> torch.Tensor:
         """The forward pass (compute thread): hidden states out, or sampled token ids."""
         assert self.stage is not None
-        inputs = batch.inputs.to(self.settings.device)
-        output = self.stage(inputs, batch.spans, batch.sample_rows())
-        if not self.stage.plan.is_last:
-            return output.cpu()
-        return sample(output, batch.sampling).cpu()
+        inputs = batch.inputs.to(self.settings.device, non_blocking=True)
+        if self.graphs is not None and self.graphs.handles(batch.spans):
+            output = self.graphs.run(inputs, batch.spans)
+            if self.stage.plan.is_last:
+                output = output[batch.sample_rows()]
+        else:
+            output = self.stage(inputs, batch.spans, batch.sample_rows())
+        if self.stage.plan.is_last:
+            output = sample(output, batch.sampling)
+        return self._to_host(output)
+
+    def _to_host(self, output: torch.Tensor) -> torch.Tensor:
+        """Copy a result to the host; from the GPU through one reused pinned buffer (the frame
+        is queued, and aioquic has copied its bytes, before the next step reuses it)."""
+        if output.device.type != "cuda":
+            return output
+        size = output.numel() * output.element_size()
+        if self._pinned is None or self._pinned.numel() < size:
+            self._pinned = torch.empty(2 * size, dtype=torch.uint8).pin_memory()
+        host = self._pinned[:size].view(output.dtype).view(output.shape)
+        host.copy_(output, non_blocking=True)
+        torch.cuda.current_stream().synchronize()
+        return host
 
     async def _send_on(self, batch: Batch, result: torch.Tensor) -> None:
         assert self.stage is not None and self.gateway is not None

@@ -1,0 +1,225 @@
+"""GPU benchmark: an 8B-class model through a 2-stage QUIC pipeline on one GPU, with its anchors.
+
+    python -m bench.gpu --preset llama3-8b
+
+Writes a random-weight model with the preset's shapes (unless --model), starts `meshpipe auto`
+(gateway + 2 worker processes on the GPU, bf16, linked by QUIC on loopback) and measures:
+single-stream decode tok/s, aggregate tok/s at 16 and 64 concurrent streams, and the TTFT of a
+1024-token prompt. In the same run it measures the anchors: `transformers` generate on the same
+weights at batch 1 and 64 (static cache), and the bandwidth roofline (weight bytes over the
+measured device-to-device copy bandwidth). Results go to bench/results/ as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+from bench.serving import Prompt, build_prompts, stream_request, summarize
+from meshpipe.models.synth import synth
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def copy_bandwidth(gib: int = 2, repeats: int = 20) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read and written."""
+    source = torch.empty(gib << 30, dtype=torch.uint8, device="cuda")
+    target = torch.empty_like(source)
+    for _ in range(3):
+        target.copy_(source)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        target.copy_(source)
+    end.record()
+    torch.cuda.synchronize()
+    seconds = start.elapsed_time(end) / 1000 / repeats
+    del source, target
+    torch.cuda.empty_cache()
+    return 2 * (gib << 30) / seconds
+
+
+def weight_bytes(model_dir: Path) -> int:
+    return sum(path.stat().st_size for path in model_dir.glob("*.safetensors"))
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_cluster(model_dir: Path, slots: int, log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "meshpipe",
+        "auto",
+        "--model",
+        str(model_dir),
+        "--stages",
+        "2",
+        "--device",
+        "cuda",
+        "--dtype",
+        "bfloat16",
+        "--slots",
+        str(slots),
+        "--max-seq-len",
+        "2048",
+        "--max-batch-tokens",
+        "2048",
+        "--port",
+        str(port),
+        "--mesh-port",
+        str(free_port(socket.SOCK_DGRAM)),
+    ]
+    process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 900
+    while "meshpipe is ready" not in log.read_text():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"cluster failed:\n{log.read_text()[-4000:]}")
+        time.sleep(1)
+    return process, f"http://127.0.0.1:{port}"
+
+
+async def level(url: str, model: str, prompts: list[Prompt], concurrency: int, tokens: int) -> dict:
+    gate = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        started = time.perf_counter()
+
+        async def one(prompt: Prompt):
+            async with gate:
+                return await stream_request(client, model, prompt, tokens)
+
+        results = await asyncio.gather(*(one(p) for p in prompts))
+        figures = summarize(list(results), concurrency, time.perf_counter() - started)
+    del figures["per_request"]
+    return figures
+
+
+def serve_figures(url: str, model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+    short = build_prompts(model_dir, 64, 32, seed=1)
+    for concurrency in (1, 16, 64):  # warm-up: captures the CUDA graphs of each batch size
+        asyncio.run(level(url, model, short[:concurrency], concurrency, 8))
+    figures = {
+        "single_stream": asyncio.run(level(url, model, short[:1], 1, args.single_tokens)),
+        "concurrent_16": asyncio.run(level(url, model, short[:16], 16, args.tokens)),
+        "concurrent_64": asyncio.run(level(url, model, short[:64], 64, args.tokens)),
+    }
+    long = build_prompts(model_dir, 3, 1024, seed=2)
+    ttfts = [asyncio.run(level(url, model, [p], 1, 1))["ttft_ms"]["p50"] for p in long]
+    figures["ttft_1024_ms"] = {"runs": ttfts, "median": statistics.median(ttfts)}
+    return figures
+
+
+def hf_anchor(model_dir: Path, tokens: int) -> dict[str, Any]:
+    """transformers generate on the same weights: batch 1 and 64, greedy, static cache."""
+    import transformers
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
+    figures: dict[str, Any] = {"transformers": transformers.__version__}
+    for batch in (1, 64):
+        ids = torch.randint(2, 1000, (batch, 32), device="cuda")
+        kwargs = {
+            "max_new_tokens": tokens,
+            "min_new_tokens": tokens,
+            "do_sample": False,
+            "cache_implementation": "static",
+            "pad_token_id": 1,
+        }
+        model.generate(ids, **kwargs | {"max_new_tokens": 4, "min_new_tokens": 4})
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        model.generate(ids, **kwargs)
+        torch.cuda.synchronize()
+        figures[f"batch_{batch}_tok_s"] = round(batch * tokens / (time.perf_counter() - started), 1)
+    del model
+    torch.cuda.empty_cache()
+    return figures
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="bench.gpu", description=__doc__)
+    parser.add_argument("--preset", default="llama3-8b")
+    parser.add_argument("--model", default=None, help="an existing model dir instead of synth")
+    parser.add_argument("--tokens", type=int, default=128, help="output tokens per stream")
+    parser.add_argument("--single-tokens", type=int, default=256)
+    parser.add_argument("--slots", type=int, default=64)
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("MESHPIPE_HOME", "/tmp/meshpipe-gpu-bench")
+    started = time.perf_counter()
+    model_dir = Path(args.model) if args.model else synth(args.preset, device="cuda")
+    print(f"model ready in {time.perf_counter() - started:.0f}s: {model_dir}", flush=True)
+    bandwidth = copy_bandwidth()
+    weights = weight_bytes(model_dir)
+    log = Path(os.environ["MESHPIPE_HOME"]) / "cluster.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    process, url = start_cluster(model_dir, args.slots, log)
+    try:
+        ours = serve_figures(url, model_dir, args)
+    finally:
+        process.terminate()
+        process.wait(60)
+    report = {
+        "command": shlex.join([sys.executable, "-m", "bench.gpu", *(argv or sys.argv[1:])]),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "model": str(model_dir),
+        "synthetic": json.loads((model_dir / "config.json").read_text()).get("meshpipe_synthetic"),
+        "weight_bytes": weights,
+        "copy_bandwidth_bytes_s": round(bandwidth),
+        "roofline_single_stream_tok_s": round(bandwidth / weights, 1),
+        "meshpipe": ours,
+    }
+    if not args.skip_hf:
+        report["transformers"] = hf_anchor(model_dir, args.tokens)
+    report["ratios"] = ratios(report)
+    path = Path(args.output) if args.output else RESULTS / f"gpu-{report['date'][:10]}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    print(f"wrote {path}")
+
+
+def ratios(report: dict[str, Any]) -> dict[str, Any]:
+    ours = report["meshpipe"]
+    single = ours["single_stream"]["stream_decode_tok_s_mean"] or 0.0
+    result = {
+        "single_stream_tok_s": single,
+        "single_stream_vs_roofline": round(single / report["roofline_single_stream_tok_s"], 3),
+        "aggregate_16_tok_s": ours["concurrent_16"]["output_tok_s"],
+        "aggregate_64_tok_s": ours["concurrent_64"]["output_tok_s"],
+    }
+    if "transformers" in report:
+        hf = report["transformers"]
+        result["single_stream_vs_hf_batch_1"] = round(single / hf["batch_1_tok_s"], 2)
+        result["aggregate_64_vs_hf_batch_64"] = round(
+            ours["concurrent_64"]["output_tok_s"] / hf["batch_64_tok_s"], 2
+        )
+    return result
+
+
+if __name__ == "__main__":
+    main()
