@@ -504,6 +504,7 @@ def machine() -> dict[str, Any]:
         "cpu_model": names[0].split(":", 1)[1].strip() if names else platform.processor(),
         "platform": platform.platform(),
         "python": platform.python_version(),
+        "load_average_at_start": [round(value, 2) for value in os.getloadavg()],
     }
 
 
@@ -562,7 +563,7 @@ def _now() -> str:
 
 def run(settings: BenchSettings) -> dict[str, Any]:
     """The whole benchmark: the cluster (if asked), the sweep, the anchor; returns the report."""
-    started_at = _now()
+    started_at, host = _now(), machine()
     spec = settings.model if settings.start_cluster else None
     with _cluster_or_url(settings, spec) as url:
         server = server_info(url, None if settings.start_cluster else settings.model)
@@ -589,7 +590,7 @@ def run(settings: BenchSettings) -> dict[str, Any]:
         "command": settings.command,
         "started_at": started_at,
         "finished_at": _now(),
-        "machine": machine(),
+        "machine": host,
         "source": source_revision(),
         "server": server,
         "argv": sys.argv,
