@@ -13,14 +13,24 @@ import contextlib
 import ipaddress
 import logging
 import secrets
+import socket
+import sys
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from aioquic.asyncio import QuicConnectionProtocol, connect, serve
 from aioquic.asyncio.server import QuicServer
+from aioquic.buffer import size_uint_var
 from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamDataReceived, StreamReset
+from aioquic.quic.packet import QuicFrameType
+from aioquic.quic.packet_builder import QuicPacketBuilder
+from aioquic.quic.recovery import QuicPacketSpace
+from aioquic.quic.stream import QuicStream
+from aioquic.tls import Epoch
 
 from meshpipe.identity import Identity, certificate_fingerprint, check_proof, join_proof
 from meshpipe.wire import DEFAULT_MAX_PAYLOAD_BYTES, Frame, FrameDecoder, FrameError, Kind
@@ -30,8 +40,19 @@ ALPN = "meshpipe/1"
 LOOPBACK_DATAGRAM_SIZE = 16000
 # Fits a 1500-byte Ethernet MTU under IPv6 (40) and UDP (8) headers.
 LAN_DATAGRAM_SIZE = 1452
+PATH_HEADER_BYTES = 48  # IPv6 + UDP headers, the larger of the two families
+SMALLEST_DATAGRAM_SIZE = 1200  # QUIC's floor (RFC 9000 section 14)
+ON_HOST_MTU = 65535  # `lo`'s MTU: a route this wide never leaves the machine
+LINUX_IP_MTU, LINUX_IPV6_MTU = 14, 24  # getsockopt options Python's socket module lacks
 WINDOW_BYTES = 256 << 20
 STREAM_WINDOW_BYTES = 128 << 20
+CONGESTION_CONTROL = "reno"
+# aioquic writes a STREAM frame's length as a 2-byte varint (at most 16383): larger datagrams
+# need the 4-byte field of _write_wide_stream_frame below.
+NARROW_STREAM_FRAME_LIMIT = 16383
+# Kernel socket buffers (clamped to net.core.{r,w}mem_max): the default 208 KiB holds only a
+# few large datagrams, and a burst beyond it is dropped and retransmitted.
+SOCKET_BUFFER_BYTES = 4 << 20
 IDLE_TIMEOUT = 30.0
 KEEPALIVE_INTERVAL = 5.0
 HELLO_TIMEOUT = 10.0
@@ -60,13 +81,42 @@ class LinkSettings:
 
 
 def datagram_size_for(host: str) -> int:
-    """Large datagrams on loopback (no MTU there), Ethernet-safe ones elsewhere."""
+    """The largest datagram the path to `host` carries whole, from its route's MTU.
+
+    On-host paths (loopback, or an address of this machine, routed over `lo`) get large
+    datagrams. Elsewhere the route's interface MTU less IP and UDP headers, capped at
+    LAN_DATAGRAM_SIZE: aioquic has no path-MTU discovery and a hop beyond our interface may
+    have a smaller MTU. A wildcard listener may serve any path, so it stays LAN-sized.
+    """
     try:
-        return (
-            LOOPBACK_DATAGRAM_SIZE if ipaddress.ip_address(host).is_loopback else LAN_DATAGRAM_SIZE
-        )
+        address = ipaddress.ip_address(host)
     except ValueError:
         return LOOPBACK_DATAGRAM_SIZE if host == "localhost" else LAN_DATAGRAM_SIZE
+    if address.is_loopback:
+        return LOOPBACK_DATAGRAM_SIZE
+    mtu = None if address.is_unspecified else route_mtu(address)
+    if mtu is None:
+        return LAN_DATAGRAM_SIZE
+    if mtu >= ON_HOST_MTU:
+        return LOOPBACK_DATAGRAM_SIZE
+    return max(SMALLEST_DATAGRAM_SIZE, min(LAN_DATAGRAM_SIZE, mtu - PATH_HEADER_BYTES))
+
+
+def route_mtu(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> int | None:
+    """The MTU of the interface the kernel routes `address` through (Linux), else None."""
+    if sys.platform != "linux":
+        return None
+    family, level, option = (
+        (socket.AF_INET, socket.IPPROTO_IP, LINUX_IP_MTU)
+        if address.version == 4
+        else (socket.AF_INET6, socket.IPPROTO_IPV6, LINUX_IPV6_MTU)
+    )
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((str(address), 9))  # a UDP connect only picks the route
+            return probe.getsockopt(level, option)
+    except OSError:
+        return None
 
 
 def configuration(is_client: bool, identity: Identity, max_datagram_size: int) -> QuicConfiguration:
@@ -77,6 +127,7 @@ def configuration(is_client: bool, identity: Identity, max_datagram_size: int) -
         max_datagram_size=max_datagram_size,
         max_data=WINDOW_BYTES,
         max_stream_data=STREAM_WINDOW_BYTES,
+        congestion_control_algorithm=CONGESTION_CONTROL,
         idle_timeout=IDLE_TIMEOUT,
     )
     config.load_cert_chain(str(identity.certificate), str(identity.private_key))
@@ -89,11 +140,50 @@ def configuration(is_client: bool, identity: Identity, max_datagram_size: int) -
     return config
 
 
+def _write_wide_stream_frame(
+    self: QuicConnection,
+    builder: QuicPacketBuilder,
+    space: QuicPacketSpace,
+    stream: QuicStream,
+    max_offset: int,
+) -> int:
+    """aioquic's _write_stream_frame with a 4-byte length field, for datagrams over 16 KiB."""
+    sender = stream.sender
+    offset_size = size_uint_var(sender.next_offset) if sender.next_offset else 0
+    frame_overhead = 5 + size_uint_var(stream.stream_id) + offset_size
+    previous_send_highest = sender.highest_offset
+    frame = sender.get_frame(builder.remaining_flight_space - frame_overhead, max_offset)
+    if frame is None:
+        return 0
+    frame_type = QuicFrameType.STREAM_BASE | 2  # with length
+    if frame.offset:
+        frame_type |= 4
+    if frame.fin:
+        frame_type |= 1
+    buf = builder.start_frame(
+        frame_type,
+        capacity=frame_overhead,
+        handler=sender.on_data_delivery,
+        handler_args=(frame.offset, frame.offset + len(frame.data), frame.fin),
+    )
+    buf.push_uint_var(stream.stream_id)
+    if frame.offset:
+        buf.push_uint_var(frame.offset)
+    buf.push_uint32(len(frame.data) | 0x80000000)  # varint, 4-byte form
+    buf.push_bytes(frame.data)
+    return sender.highest_offset - previous_send_highest
+
+
 class MeshConnection(QuicConnectionProtocol):
     """One QUIC connection carrying meshpipe frames, one stream per frame."""
 
     def __init__(self, *args: Any, handler: FrameHandler, token: str, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if self._quic._max_datagram_size > NARROW_STREAM_FRAME_LIMIT:
+            self._quic._write_stream_frame = types.MethodType(  # type: ignore[method-assign]
+                _write_wide_stream_frame, self._quic
+            )
+        self._receiving = False
         self.handler = handler
         self.token = token
         self.authenticated = False
@@ -112,7 +202,8 @@ class MeshConnection(QuicConnectionProtocol):
     def send(self, frame: Frame) -> None:
         """Queue a frame on a new stream and transmit."""
         self.queue(frame)
-        self.transmit()
+        if not self._receiving:  # else datagram_received transmits once, after all events
+            self.transmit()
 
     def queue(self, frame: Frame) -> None:
         """Queue a frame without transmitting (call transmit() once after a batch of sends)."""
@@ -126,6 +217,20 @@ class MeshConnection(QuicConnectionProtocol):
             self._quic.send_stream_data(stream_id, head, end_stream=False)
             self._quic.send_stream_data(stream_id, payload, end_stream=True)
         self.bytes_sent += len(head) + (0 if payload is None else payload.nbytes)
+        self._piggyback_ack()
+
+    def _piggyback_ack(self) -> None:
+        """Send a pending ACK now, inside the frame's packet, instead of alone when its delay
+        expires: in a request/answer exchange that saves a datagram each way."""
+        space = self._quic._spaces.get(Epoch.ONE_RTT)
+        if space is not None and space.ack_at is not None:
+            space.ack_at = 0.0
+
+    def close(self, error_code: int = 0, reason_phrase: str = "") -> None:
+        """Close after sending what is queued: a CONNECTION_CLOSE packet carries nothing else,
+        so an ERROR frame queued while receiving would otherwise be lost."""
+        self.transmit()
+        super().close(error_code=error_code, reason_phrase=reason_phrase)
 
     def buffered_bytes(self) -> int:
         """Bytes queued on this connection that the peer has not acknowledged yet."""
@@ -143,8 +248,20 @@ class MeshConnection(QuicConnectionProtocol):
 
     # -- receiving -------------------------------------------------------------------------
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_BYTES)
+
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
-        super().datagram_received(data, addr)
+        self._receiving = True
+        try:
+            super().datagram_received(data, addr)
+        finally:
+            self._receiving = False
         self._drained.set()
 
     def quic_event_received(self, event: QuicEvent) -> None:

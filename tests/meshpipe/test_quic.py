@@ -1,0 +1,279 @@
+"""Real meshpipe QUIC links on loopback: frames, join token, bad frames, backpressure, datagram size."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+import torch
+from aioquic.asyncio import connect
+from aioquic.asyncio.server import QuicServer
+
+from meshpipe.identity import Identity, load_or_create_identity, new_join_token
+from meshpipe.quic import (
+    LAN_DATAGRAM_SIZE,
+    LOOPBACK_DATAGRAM_SIZE,
+    SMALLEST_DATAGRAM_SIZE,
+    Dialer,
+    JoinRefused,
+    MeshConnection,
+    bound_port,
+    configuration,
+    connection_factory,
+    datagram_size_for,
+    listen,
+)
+from meshpipe.wire import HEADER, MAGIC, VERSION, DType, Frame, Kind
+
+HOST = "127.0.0.1"
+SECONDS = 5.0
+
+
+class Recorder:
+    """Keeps the frames a connection hands over; echoes ECHO frames when asked to."""
+
+    def __init__(self, echo: bool = False) -> None:
+        self.echo = echo
+        self.frames: list[Frame] = []
+        self.closed: list[MeshConnection] = []
+        self.changed = asyncio.Event()
+
+    def on_frame(self, connection: MeshConnection, frame: Frame) -> None:
+        self.frames.append(frame)
+        self.changed.set()
+        if self.echo and frame.kind == Kind.ECHO:
+            connection.send(Frame(Kind.ECHO, frame.message_id, frame.meta, frame.tensor))
+
+    def on_closed(self, connection: MeshConnection) -> None:
+        self.closed.append(connection)
+        self.changed.set()
+
+    def of_kind(self, kind: Kind) -> list[Frame]:
+        return [frame for frame in self.frames if frame.kind == kind]
+
+    async def wait_for(self, condition: Callable[[], bool], seconds: float = SECONDS) -> None:
+        async def poll() -> None:
+            while not condition():
+                self.changed.clear()
+                await self.changed.wait()
+
+        await asyncio.wait_for(poll(), seconds)
+
+
+async def eventually(condition: Callable[[], bool], seconds: float = SECONDS) -> None:
+    async def poll() -> None:
+        while not condition():
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(poll(), seconds)
+
+
+@pytest.fixture(scope="module")
+def identities(tmp_path_factory: pytest.TempPathFactory) -> tuple[Identity, Identity]:
+    directory = tmp_path_factory.mktemp("quic-identities")
+    return load_or_create_identity(directory, "server"), load_or_create_identity(directory, "peer")
+
+
+@contextlib.asynccontextmanager
+async def mesh_server(
+    identity: Identity, handler: Recorder, token: str
+) -> AsyncIterator[QuicServer]:
+    server = await listen(HOST, 0, identity, handler, token)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def run(scenario: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(scenario(), 15))
+
+
+def raw_send(connection: MeshConnection, data: bytes) -> None:
+    """Bytes on a stream of their own, whatever they are (the way a broken peer sends)."""
+    stream_id = connection._quic.get_next_available_stream_id(is_unidirectional=True)
+    connection._quic.send_stream_data(stream_id, data, end_stream=True)
+    connection.transmit()
+
+
+def header(kind: int, dtype: int, shape: tuple[int, ...], meta_length: int, payload: int) -> bytes:
+    dims = list(shape) + [0] * (4 - len(shape))
+    return HEADER.pack(
+        MAGIC, VERSION, kind, dtype, len(shape), 0, 0, 7, meta_length, *dims, payload
+    )
+
+
+def test_frames_with_tensors_round_trip(identities: tuple[Identity, Identity]) -> None:
+    server_identity, peer_identity = identities
+    token = new_join_token()
+    torch.manual_seed(0)
+    tensors = [
+        torch.randn(3, 576),
+        torch.randn(2, 7).to(torch.bfloat16),
+        torch.arange(12, dtype=torch.int64).view(2, 2, 3),
+        torch.randn(1024, 1024),  # 4 MiB: many datagrams, and the wide STREAM frames
+    ]
+
+    async def scenario() -> None:
+        server, client = Recorder(echo=True), Recorder()
+        async with mesh_server(server_identity, server, token) as listening:
+            port = bound_port(listening)
+            dialer = Dialer(peer_identity, token)
+            connection = await dialer.dial(HOST, port, client, {"node_id": "peer"})
+            for index, tensor in enumerate(tensors, start=1):
+                connection.send(Frame(Kind.ECHO, index, {"index": index, "note": "é"}, tensor))
+            await client.wait_for(lambda: len(client.frames) == len(tensors))
+            await dialer.close()
+        # One stream per frame: streams are independent, so frames may overtake each other.
+        answers = sorted(client.frames, key=lambda frame: frame.message_id)
+        for index, (frame, tensor) in enumerate(zip(answers, tensors, strict=True), 1):
+            assert (frame.kind, frame.message_id) == (Kind.ECHO, index)
+            assert frame.meta == {"index": index, "note": "é"}
+            assert frame.tensor is not None and frame.tensor.dtype == tensor.dtype
+            assert torch.equal(frame.tensor, tensor)
+        assert server.frames[0].kind == Kind.HELLO and server.frames[0].meta["node_id"] == "peer"
+
+    run(scenario)
+
+
+def test_a_wrong_join_token_is_refused(identities: tuple[Identity, Identity]) -> None:
+    server_identity, peer_identity = identities
+
+    async def scenario() -> None:
+        server = Recorder(echo=True)
+        async with mesh_server(server_identity, server, new_join_token()) as listening:
+            port = bound_port(listening)
+            dialer = Dialer(peer_identity, new_join_token())
+            with pytest.raises(JoinRefused, match="join token"):
+                await dialer.dial(HOST, port, Recorder(), {"node_id": "intruder"})
+            await dialer.close()
+        assert server.frames == [] and server.closed == []
+
+    run(scenario)
+
+
+def test_frames_before_hello_get_an_error_and_never_reach_the_handler(
+    identities: tuple[Identity, Identity],
+) -> None:
+    server_identity, peer_identity = identities
+    token = new_join_token()
+
+    async def scenario() -> None:
+        server, client = Recorder(echo=True), Recorder()
+        async with mesh_server(server_identity, server, token) as listening:
+            port = bound_port(listening)
+            config = configuration(True, peer_identity, datagram_size_for(HOST))
+            factory = connection_factory(client, token)
+            async with connect(HOST, port, configuration=config, create_protocol=factory) as peer:
+                assert isinstance(peer, MeshConnection)
+                peer.authenticated = True  # skip HELLO; hand the server's answer to `client`
+                peer.send(Frame(Kind.ECHO, 1, {}, torch.ones(4)))
+                peer.send(Frame(Kind.BATCH, 2, {"spans": [[0, 0, 1]]}, torch.ones(1, 576)))
+                await client.wait_for(lambda: bool(client.closed))
+        errors = client.of_kind(Kind.ERROR)
+        assert errors and errors[0].meta["code"] == "unauthorized"
+        assert client.of_kind(Kind.ECHO) == []
+        assert server.frames == [] and server.closed == []
+
+    run(scenario)
+
+
+BAD_FRAMES = {
+    "bad magic": (b"XXXX" + bytes(HEADER.size - 4), "bad_magic"),
+    "unknown kind": (header(200, 0, (), 0, 0), "bad_kind"),
+    "shape and length disagree": (header(Kind.ECHO, DType.FLOAT32, (4, 576), 0, 12), "bad_length"),
+    "oversized payload": (
+        header(Kind.ECHO, DType.UINT8, (1 << 20, 1 << 20), 0, 1 << 40),
+        "too_large",
+    ),
+    "oversized metadata": (header(Kind.ECHO, 0, (), 1 << 30, 0), "too_large"),
+    "truncated header": (header(Kind.ECHO, 0, (), 0, 0)[:20], "truncated"),
+    "truncated payload": (
+        header(Kind.ECHO, DType.FLOAT32, (2, 576), 0, 4608) + bytes(99),
+        "truncated",
+    ),
+    "metadata not JSON": (header(Kind.ECHO, 0, (), 5, 0) + b"{oops", "bad_meta"),
+}
+
+
+def test_bad_frames_get_error_frames_and_the_link_keeps_serving(
+    identities: tuple[Identity, Identity],
+) -> None:
+    server_identity, peer_identity = identities
+    token = new_join_token()
+
+    async def scenario() -> None:
+        server, client = Recorder(echo=True), Recorder()
+        async with mesh_server(server_identity, server, token) as listening:
+            port = bound_port(listening)
+            dialer = Dialer(peer_identity, token)
+            connection = await dialer.dial(HOST, port, client, {"node_id": "peer"})
+            for name, (data, code) in BAD_FRAMES.items():
+                raw_send(connection, data)
+                await client.wait_for(lambda: bool(client.frames))
+                answer = client.frames.pop()
+                assert (answer.kind, answer.meta.get("code")) == (Kind.ERROR, code), name
+            connection.send(Frame(Kind.ECHO, 5, {"still": "serving"}, torch.ones(2, 3)))
+            await client.wait_for(lambda: bool(client.frames))
+            assert not connection.closed
+            await dialer.close()
+        echoed = client.frames.pop()
+        assert (echoed.kind, echoed.message_id, echoed.meta) == (Kind.ECHO, 5, {"still": "serving"})
+        assert [frame.kind for frame in server.frames] == [Kind.HELLO, Kind.ECHO]
+
+    run(scenario)
+
+
+def test_a_receiver_that_stops_reading_bounds_the_senders_buffer(
+    identities: tuple[Identity, Identity],
+) -> None:
+    server_identity, peer_identity = identities
+    token = new_join_token()
+    limit, frames = 1 << 20, 24
+    tensor = torch.zeros(256, 256)  # 256 KiB a frame
+    frame_bytes = len(Frame(Kind.ECHO, 1, {}, tensor).header_and_meta()[0]) + tensor.nbytes
+
+    async def scenario() -> None:
+        server = Recorder()
+        async with mesh_server(server_identity, server, token) as listening:
+            port = bound_port(listening)
+            dialer = Dialer(peer_identity, token)
+            connection = await dialer.dial(HOST, port, Recorder(), {"node_id": "peer"})
+            seen: list[int] = []
+
+            async def send_all() -> None:
+                for index in range(1, frames + 1):
+                    await connection.drain(limit)
+                    connection.send(Frame(Kind.ECHO, index, {}, tensor))
+                    seen.append(connection.buffered_bytes())
+
+            # The receiving process stops reading its socket: nothing is ACKed any more.
+            listening._transport.pause_reading()
+            sender = asyncio.create_task(send_all())
+            await asyncio.sleep(0.5)
+            assert not sender.done(), "drain() let the sender run past the limit"
+            assert max(seen) <= limit + frame_bytes
+            assert connection.buffered_bytes() <= limit + frame_bytes
+            listening._transport.resume_reading()
+            await asyncio.wait_for(sender, SECONDS)
+            await server.wait_for(lambda: len(server.of_kind(Kind.ECHO)) == frames)
+            # drain() wakes as ACKs arrive, down to nothing in flight.
+            await asyncio.wait_for(connection.drain(0), SECONDS)
+            assert connection.buffered_bytes() == 0
+            await dialer.close()
+        assert max(seen) <= limit + frame_bytes
+        received = sorted(frame.message_id for frame in server.of_kind(Kind.ECHO))
+        assert received == list(range(1, frames + 1))
+
+    run(scenario)
+
+
+def test_datagram_size_follows_the_path() -> None:
+    assert datagram_size_for("127.0.0.1") == LOOPBACK_DATAGRAM_SIZE
+    assert datagram_size_for("::1") == LOOPBACK_DATAGRAM_SIZE
+    assert datagram_size_for("0.0.0.0") == LAN_DATAGRAM_SIZE
+    assert datagram_size_for("some-host.invalid") == LAN_DATAGRAM_SIZE
+    off_host = datagram_size_for("203.0.113.7")  # TEST-NET-3: never this machine
+    assert SMALLEST_DATAGRAM_SIZE <= off_host <= LAN_DATAGRAM_SIZE
