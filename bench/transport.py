@@ -1,0 +1,714 @@
+"""`meshpipe bench transport`: meshpipe QUIC links against a plain asyncio TCP anchor.
+
+Two processes: this one dials a server child (`python -m bench.transport --serve`) that listens
+for meshpipe QUIC and for plain TCP. Sizes below 1 MiB are decode-sized hops: the server echoes
+each ECHO frame and the benchmark reports half the measured round trip as the one-way hop (a
+round trip is what one clock can measure; half of it is the hop only on a symmetric link).
+Sizes of 1 MiB and more are prefill-sized transfers: the server answers each one with a tiny
+acknowledgement and throughput is the size over the time from send to acknowledgement.
+
+The TCP anchor carries the same payloads, length-prefixed, over asyncio streams, in the same run.
+`--netns` runs the same benchmark between two network namespaces joined by a veth pair at
+MTU 1500 and checks that no datagram exceeded the path MTU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import json
+import os
+import platform
+import shlex
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from meshpipe import quic
+from meshpipe.identity import load_or_create_identity, new_join_token
+from meshpipe.quic import (
+    Dialer,
+    MeshConnection,
+    bound_port,
+    datagram_size_for,
+    listen,
+)
+from meshpipe.wire import Frame, Kind
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+TOKEN_ENV = "MESHPIPE_BENCH_TOKEN"
+DEFAULT_SIZES = "1K,4K,16K,1M,16M,64M"
+QUICK_SIZES = "1K,4K,16K,1M,16M"
+TRANSFER_FROM = 1 << 20  # sizes from here on are one-way transfers, below are round trips
+TRANSFER_BUDGET = 512 << 20  # bytes per size and link, so large sizes take few repeats
+TCP_HEADER = struct.Struct("<BQ")  # kind, payload length
+TCP_ECHO, TCP_ACK = 1, 2
+NETNS_MTU = 1500
+NETNS_SUBNET = "10.213.0"
+TARGETS = {"hop_p50_us": 150.0, "hop_p99_us": 1000.0, "mb_per_s_16m": 300.0, "tcp_ratio": 0.5}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one benchmark run measures."""
+
+    host: str
+    sizes: tuple[int, ...]
+    iterations: int
+    output: Path | None
+    netns: bool
+    server_netns: str | None
+    datagram_size: int | None
+
+
+# -- payloads and statistics -------------------------------------------------------------------
+
+
+def parse_size(text: str) -> int:
+    """'16K' -> 16384, '64M' -> 67108864, '2304' -> 2304."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    if text[-1:] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def label(size: int) -> str:
+    for unit, shift in (("M", 20), ("K", 10)):
+        if size >= 1 << shift and size % (1 << shift) == 0:
+            return f"{size >> shift}{unit}"
+    return str(size)
+
+
+def payload(size: int) -> torch.Tensor:
+    """A [1, size/4] fp32 tensor (a hidden-state row when size = 4 x hidden)."""
+    if size % 4:
+        raise SystemExit(f"error: size {size} is not a whole number of fp32 values")
+    return torch.arange(size // 4, dtype=torch.float32).view(1, -1)
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def latency_summary(round_trips: list[float]) -> dict[str, float]:
+    """Round-trip percentiles, and half of them as the one-way hop, in microseconds."""
+    p50, p99 = percentile(round_trips, 0.50) * 1e6, percentile(round_trips, 0.99) * 1e6
+    return {
+        "hop_p50_us": round(p50 / 2, 1),
+        "hop_p99_us": round(p99 / 2, 1),
+        "rtt_p50_us": round(p50, 1),
+        "rtt_p99_us": round(p99, 1),
+        "rtt_min_us": round(min(round_trips) * 1e6, 1),
+        "samples": len(round_trips),
+    }
+
+
+def throughput_summary(size: int, seconds: list[float]) -> dict[str, float]:
+    rates = [size / elapsed / 1e6 for elapsed in seconds]
+    return {
+        "mb_per_s": round(statistics.median(rates), 1),
+        "mb_per_s_best": round(max(rates), 1),
+        "seconds_median": round(statistics.median(seconds), 5),
+        "repeats": len(seconds),
+    }
+
+
+def repeats_for(size: int, iterations: int) -> int:
+    return max(2, min(iterations // 100, TRANSFER_BUDGET // size))
+
+
+# -- wire observation --------------------------------------------------------------------------
+
+
+class DatagramSizes:
+    """The largest UDP datagrams a process sent and received (the bench checks the path MTU)."""
+
+    def __init__(self) -> None:
+        self.largest_sent = 0
+        self.largest_received = 0
+
+    def watch_sends(self, transport: Any) -> None:
+        send = transport.sendto
+
+        def sendto(data: bytes, addr: Any = None) -> None:
+            self.largest_sent = max(self.largest_sent, len(data))
+            send(data, addr)
+
+        transport.sendto = sendto
+
+    def watch_receives(self, protocol: Any) -> None:
+        receive = protocol.datagram_received
+
+        def datagram_received(data: bytes, addr: Any) -> None:
+            self.largest_received = max(self.largest_received, len(data))
+            receive(data, addr)
+
+        protocol.datagram_received = datagram_received
+
+    def as_dict(self) -> dict[str, int]:
+        return {"largest_sent": self.largest_sent, "largest_received": self.largest_received}
+
+
+def forbid_fragmentation(transport: Any) -> None:
+    """Set DF on a UDP socket: an oversized datagram then fails instead of being fragmented."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family == socket.AF_INET and hasattr(socket, "IP_MTU_DISCOVER"):
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MTU_DISCOVER, socket.IP_PMTUDISC_DO)
+
+
+# -- the server child --------------------------------------------------------------------------
+
+
+class EchoServer:
+    """Echoes ECHO frames, acknowledges transfers, reports what it saw on the wire."""
+
+    def __init__(self, sizes: DatagramSizes) -> None:
+        self.sizes = sizes
+        self.watched = False
+
+    def on_frame(self, connection: MeshConnection, frame: Frame) -> None:
+        if not self.watched:
+            self.sizes.watch_sends(connection._transport)
+            forbid_fragmentation(connection._transport)
+            self.watched = True
+        if frame.kind != Kind.ECHO:
+            return
+        if frame.meta.get("ack"):
+            received = 0 if frame.tensor is None else frame.tensor.nbytes
+            connection.send(Frame(Kind.ECHO, frame.message_id, {"received": received}))
+        elif frame.meta.get("stats"):
+            connection.send(Frame(Kind.ECHO, frame.message_id, self.sizes.as_dict()))
+        else:
+            connection.send(Frame(Kind.ECHO, frame.message_id, {}, frame.tensor))
+
+    def on_closed(self, connection: MeshConnection) -> None:
+        pass
+
+
+async def serve_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+        while True:
+            head = await reader.readexactly(TCP_HEADER.size)
+            kind, length = TCP_HEADER.unpack(head)
+            body = await reader.readexactly(length)
+            if kind == TCP_ECHO:
+                writer.writelines((head, body))
+            else:
+                writer.write(TCP_HEADER.pack(TCP_ACK, 0))
+            await writer.drain()
+    writer.close()
+
+
+async def serve(host: str) -> None:
+    """Listen on QUIC and TCP, print the ports, serve until stdin closes."""
+    token = os.environ[TOKEN_ENV]
+    sizes = DatagramSizes()
+    with tempfile.TemporaryDirectory() as directory:
+        identity = load_or_create_identity(Path(directory), "bench-server")
+        quic = await listen(host, 0, identity, EchoServer(sizes), token)
+        sizes.watch_receives(quic)
+        tcp = await asyncio.start_server(serve_tcp, host, 0, limit=TRANSFER_BUDGET)
+        tcp_port = tcp.sockets[0].getsockname()[1]
+        print(f"ready {bound_port(quic)} {tcp_port}", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+        quic.close()
+        tcp.close()
+
+
+# -- the client --------------------------------------------------------------------------------
+
+
+class Replies:
+    """Futures for the answers to ECHO frames, by message id."""
+
+    def __init__(self) -> None:
+        self.waiting: dict[int, asyncio.Future[Frame]] = {}
+        self.next_id = 1
+
+    def expect(self) -> tuple[int, asyncio.Future[Frame]]:
+        message_id, self.next_id = self.next_id, self.next_id + 1
+        future = asyncio.get_running_loop().create_future()
+        self.waiting[message_id] = future
+        return message_id, future
+
+    def on_frame(self, connection: MeshConnection, frame: Frame) -> None:
+        future = self.waiting.pop(frame.message_id, None)
+        if future is not None and not future.done():
+            future.set_result(frame)
+
+    def on_closed(self, connection: MeshConnection) -> None:
+        for future in self.waiting.values():
+            if not future.done():
+                future.set_exception(ConnectionError("the QUIC link closed"))
+
+
+class QuicLink:
+    """The client end of a meshpipe QUIC link to the server child."""
+
+    def __init__(self, connection: MeshConnection, replies: Replies) -> None:
+        self.connection = connection
+        self.replies = replies
+
+    async def request(self, meta: dict[str, Any], tensor: torch.Tensor | None) -> Frame:
+        message_id, reply = self.replies.expect()
+        self.connection.send(Frame(Kind.ECHO, message_id, meta, tensor))
+        return await reply
+
+    async def round_trip(self, tensor: torch.Tensor) -> float:
+        message_id, reply = self.replies.expect()
+        frame = Frame(Kind.ECHO, message_id, {}, tensor)
+        start = time.perf_counter()
+        self.connection.send(frame)
+        await reply
+        return time.perf_counter() - start
+
+    async def transfer(self, tensor: torch.Tensor) -> float:
+        message_id, reply = self.replies.expect()
+        frame = Frame(Kind.ECHO, message_id, {"ack": True}, tensor)
+        start = time.perf_counter()
+        self.connection.send(frame)
+        answer = await reply
+        elapsed = time.perf_counter() - start
+        assert answer.meta.get("received") == tensor.nbytes, answer.meta
+        return elapsed
+
+
+class TcpLink:
+    """The anchor: the same payloads, length-prefixed, over a plain asyncio TCP connection."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    async def _send(self, kind: int, tensor: torch.Tensor) -> bytes:
+        body = memoryview(tensor.numpy()).cast("B")
+        self.writer.writelines((TCP_HEADER.pack(kind, body.nbytes), body))
+        _, length = TCP_HEADER.unpack(await self.reader.readexactly(TCP_HEADER.size))
+        return await self.reader.readexactly(length)
+
+    async def round_trip(self, tensor: torch.Tensor) -> float:
+        start = time.perf_counter()
+        await self._send(TCP_ECHO, tensor)
+        return time.perf_counter() - start
+
+    async def transfer(self, tensor: torch.Tensor) -> float:
+        start = time.perf_counter()
+        await self._send(TCP_ACK, tensor)
+        return time.perf_counter() - start
+
+
+Measure = Callable[[torch.Tensor], Any]
+
+
+async def sample(measure: Measure, tensor: torch.Tensor, count: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        await measure(tensor)
+    return [await measure(tensor) for _ in range(count)]
+
+
+async def measure_links(quic: QuicLink, tcp: TcpLink, settings: Settings) -> dict[str, Any]:
+    """Round trips for small sizes, transfers for large ones; QUIC and TCP back to back."""
+    latency, throughput = [], []
+    for size in settings.sizes:
+        tensor = payload(size)
+        if size < TRANSFER_FROM:
+            count, warmup = settings.iterations, max(20, settings.iterations // 10)
+            row: dict[str, Any] = {"size": size, "label": label(size)}
+            row["quic"] = latency_summary(await sample(quic.round_trip, tensor, count, warmup))
+            row["tcp"] = latency_summary(await sample(tcp.round_trip, tensor, count, warmup))
+            row["ratio_p50"] = round(row["quic"]["hop_p50_us"] / row["tcp"]["hop_p50_us"], 2)
+            row["ratio_p99"] = round(row["quic"]["hop_p99_us"] / row["tcp"]["hop_p99_us"], 2)
+            latency.append(row)
+        else:
+            count = repeats_for(size, settings.iterations)
+            row = {"size": size, "label": label(size)}
+            row["quic"] = throughput_summary(size, await sample(quic.transfer, tensor, count, 1))
+            row["tcp"] = throughput_summary(size, await sample(tcp.transfer, tensor, count, 1))
+            row["ratio"] = round(row["quic"]["mb_per_s"] / row["tcp"]["mb_per_s"], 2)
+            throughput.append(row)
+        print(f"  measured {label(size)}", file=sys.stderr, flush=True)
+    return {"latency": latency, "throughput": throughput}
+
+
+def server_command(settings: Settings) -> list[str]:
+    command = [sys.executable, "-m", "bench.transport", "--serve", "--host", settings.host]
+    command += [f"--datagram-size={quic.LOOPBACK_DATAGRAM_SIZE}"] if settings.datagram_size else []
+    command += [f"--congestion-control={quic.CONGESTION_CONTROL}"]
+    if settings.server_netns:
+        command = ["ip", "netns", "exec", settings.server_netns, *command]
+    return command
+
+
+async def run_client(settings: Settings) -> dict[str, Any]:
+    """Start the server child, dial it over QUIC and TCP, measure both."""
+    token = new_join_token()
+    server = await asyncio.create_subprocess_exec(
+        *server_command(settings),
+        cwd=ROOT,
+        env={**os.environ, TOKEN_ENV: token},
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert server.stdout is not None and server.stdin is not None
+    dialer: Dialer | None = None
+    try:
+        line = (await asyncio.wait_for(server.stdout.readline(), 60)).decode().split()
+        if line[:1] != ["ready"]:
+            raise SystemExit(f"error: the server child did not start ({line})")
+        quic_port, tcp_port = int(line[1]), int(line[2])
+        with tempfile.TemporaryDirectory() as directory:
+            identity = load_or_create_identity(Path(directory), "bench-client")
+            dialer = Dialer(identity, token)
+            replies = Replies()
+            connection = await dialer.dial(
+                settings.host, quic_port, replies, {"node_id": "bench", "role": "bench"}
+            )
+        sizes = DatagramSizes()
+        sizes.watch_sends(connection._transport)
+        sizes.watch_receives(connection)
+        forbid_fragmentation(connection._transport)
+        reader, writer = await asyncio.open_connection(
+            settings.host, tcp_port, limit=TRANSFER_BUDGET
+        )
+        quic = QuicLink(connection, replies)
+        results = await measure_links(quic, TcpLink(reader, writer), settings)
+        server_sizes = (await quic.request({"stats": True}, None)).meta
+        writer.close()
+        results["datagrams"] = {"client": sizes.as_dict(), "server": server_sizes}
+        return results
+    finally:
+        if dialer is not None:
+            await dialer.close()
+        server.stdin.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(server.wait(), 10)
+        if server.returncode is None:
+            server.kill()
+
+
+# -- report ------------------------------------------------------------------------------------
+
+
+def check_targets(results: dict[str, Any]) -> dict[str, Any]:
+    """The issue's loopback targets, each with the figure it was judged on."""
+    checks: dict[str, Any] = {}
+    for row in results["latency"]:
+        quic = row["quic"]
+        checks[f"hop_p50_{row['label']}"] = {
+            "value_us": quic["hop_p50_us"],
+            "target_us": TARGETS["hop_p50_us"],
+            "met": quic["hop_p50_us"] <= TARGETS["hop_p50_us"],
+        }
+        checks[f"hop_p99_{row['label']}"] = {
+            "value_us": quic["hop_p99_us"],
+            "target_us": TARGETS["hop_p99_us"],
+            "met": quic["hop_p99_us"] <= TARGETS["hop_p99_us"],
+        }
+    for row in results["throughput"]:
+        if row["size"] == 16 << 20:
+            checks["mb_per_s_16M"] = {
+                "value": row["quic"]["mb_per_s"],
+                "target": TARGETS["mb_per_s_16m"],
+                "met": row["quic"]["mb_per_s"] >= TARGETS["mb_per_s_16m"],
+            }
+            checks["tcp_ratio_16M"] = {
+                "value": row["ratio"],
+                "target": TARGETS["tcp_ratio"],
+                "met": row["ratio"] >= TARGETS["tcp_ratio"],
+            }
+    return checks
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = [
+        "one-way hop = half the measured round trip (us)",
+        f"{'size':>6} | {'QUIC p50':>9} {'p99':>9} | {'TCP p50':>9} {'p99':>9} | "
+        f"{'QUIC/TCP p50':>12} {'p99':>6}",
+    ]
+    for row in results["latency"]:
+        quic, tcp = row["quic"], row["tcp"]
+        lines.append(
+            f"{row['label']:>6} | {quic['hop_p50_us']:>9.1f} {quic['hop_p99_us']:>9.1f} | "
+            f"{tcp['hop_p50_us']:>9.1f} {tcp['hop_p99_us']:>9.1f} | "
+            f"{row['ratio_p50']:>12.2f} {row['ratio_p99']:>6.2f}"
+        )
+    lines += [
+        "",
+        "one-way transfer, median over repeats (MB/s = 1e6 bytes/s)",
+        f"{'size':>6} | {'QUIC MB/s':>10} {'best':>8} | {'TCP MB/s':>10} {'best':>8} | "
+        f"{'QUIC/TCP':>8}",
+    ]
+    for row in results["throughput"]:
+        quic, tcp = row["quic"], row["tcp"]
+        lines.append(
+            f"{row['label']:>6} | {quic['mb_per_s']:>10.1f} {quic['mb_per_s_best']:>8.1f} | "
+            f"{tcp['mb_per_s']:>10.1f} {tcp['mb_per_s_best']:>8.1f} | {row['ratio']:>8.2f}"
+        )
+    return "\n".join(lines)
+
+
+def default_output(suffix: str = "") -> Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return RESULTS / f"transport-{socket.gethostname()}-{stamp}{suffix}.json"
+
+
+def report(settings: Settings, results: dict[str, Any], command: str) -> dict[str, Any]:
+    import aioquic
+
+    return {
+        "benchmark": "transport",
+        "command": command,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": {
+            "hostname": socket.gethostname(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "aioquic": aioquic.__version__,
+            "torch": torch.__version__,
+        },
+        "link": {
+            "host": settings.host,
+            "max_datagram_size": datagram_size_for(settings.host),
+            "congestion_control": quic.CONGESTION_CONTROL,
+            "iterations": settings.iterations,
+            "transfer_from_bytes": TRANSFER_FROM,
+        },
+        **results,
+        "targets": check_targets(results),
+    }
+
+
+def write(path: Path, document: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+# -- emulated LAN ------------------------------------------------------------------------------
+
+
+class Namespaces:
+    """Two network namespaces joined by a veth pair at MTU 1500, removed on exit."""
+
+    def __init__(self) -> None:
+        tag = os.getpid()
+        self.client, self.server = f"mpbench-c{tag}", f"mpbench-s{tag}"
+        self.client_link, self.server_link = f"mpc{tag}", f"mps{tag}"
+        self.client_address, self.server_address = f"{NETNS_SUBNET}.1", f"{NETNS_SUBNET}.2"
+
+    def __enter__(self) -> Namespaces:
+        ip = ["ip"]
+        try:
+            for name in (self.client, self.server):
+                run([*ip, "netns", "add", name])
+                run([*ip, "-n", name, "link", "set", "lo", "up"])
+            run(
+                [*ip, "link", "add", self.client_link, "netns", self.client, "mtu", "1500"]
+                + ["type", "veth", "peer", "name", self.server_link, "netns", self.server]
+                + ["mtu", str(NETNS_MTU)]
+            )
+            for name, link, address in (
+                (self.client, self.client_link, self.client_address),
+                (self.server, self.server_link, self.server_address),
+            ):
+                run([*ip, "-n", name, "addr", "add", f"{address}/24", "dev", link])
+                run([*ip, "-n", name, "link", "set", link, "mtu", str(NETNS_MTU), "up"])
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for name in (self.client, self.server):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+
+    def counters(self) -> dict[str, Any]:
+        """Fragmentation and UDP error counters of each namespace, and the veth link's."""
+        return {
+            "client": namespace_counters(self.client, self.client_link),
+            "server": namespace_counters(self.server, self.server_link),
+        }
+
+
+def run(command: list[str]) -> str:
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise SystemExit(f"error: {shlex.join(command)}: {done.stderr.strip()}")
+    return done.stdout
+
+
+def namespace_counters(namespace: str, link: str) -> dict[str, Any]:
+    snmp = run(["ip", "netns", "exec", namespace, "cat", "/proc/net/snmp"]).splitlines()
+    table_rows: dict[str, dict[str, int]] = {}
+    for names, values in zip(snmp[::2], snmp[1::2], strict=False):
+        section, keys = names.split(":", 1)
+        table_rows[section] = dict(
+            zip(keys.split(), map(int, values.split(":")[1].split()), strict=False)
+        )
+    stats = json.loads(run(["ip", "-n", namespace, "-s", "-j", "link", "show", "dev", link]))[0]
+    ip, udp = table_rows["Ip"], table_rows["Udp"]
+    return {
+        "mtu": stats["mtu"],
+        "ip_frag_creates": ip["FragCreates"],
+        "ip_frag_fails": ip["FragFails"],
+        "ip_reassembly_requests": ip["ReasmReqds"],
+        "udp_send_buffer_errors": udp["SndbufErrors"],
+        "udp_receive_buffer_errors": udp["RcvbufErrors"],
+        "udp_in_errors": udp["InErrors"],
+        "link_tx_packets": stats["stats64"]["tx"]["packets"],
+        "link_tx_bytes": stats["stats64"]["tx"]["bytes"],
+        "link_rx_packets": stats["stats64"]["rx"]["packets"],
+        "link_rx_bytes": stats["stats64"]["rx"]["bytes"],
+    }
+
+
+def run_netns(argv: list[str], settings: Settings, command: str) -> None:
+    """Re-run this benchmark inside the client namespace against a server in the other one."""
+    output = settings.output or default_output("-netns")
+    inner = [arg for arg in argv if arg != "--netns"]
+    inner = strip_option(strip_option(inner, "--host"), "--output")
+    with Namespaces() as spaces:
+        done = subprocess.run(
+            ["ip", "netns", "exec", spaces.client, sys.executable, "-m", "bench.transport"]
+            + inner
+            + ["--host", spaces.server_address, "--server-netns", spaces.server]
+            + ["--output", str(output), "--command", command],
+            cwd=ROOT,
+            check=False,
+        )
+        if done.returncode:
+            raise SystemExit(done.returncode)
+        document = json.loads(output.read_text())
+        counters = spaces.counters()
+    datagrams = document["datagrams"]
+    largest = max(
+        datagrams["client"]["largest_sent"],
+        datagrams["client"]["largest_received"],
+        datagrams["server"]["largest_sent"],
+        datagrams["server"]["largest_received"],
+    )
+    fragments = sum(
+        side["ip_frag_creates"] + side["ip_reassembly_requests"] for side in counters.values()
+    )
+    document["netns"] = {
+        "mtu": NETNS_MTU,
+        "largest_udp_payload": largest,
+        "largest_ip_packet": largest + 28,
+        "fits_path_mtu": largest + 28 <= NETNS_MTU and fragments == 0,
+        "dont_fragment": True,
+        "counters": counters,
+    }
+    write(output, document)
+    print(
+        f"netns: largest UDP payload {largest} B (+28 = {largest + 28} <= {NETNS_MTU}), "
+        f"IP fragments {fragments}: {'ok' if document['netns']['fits_path_mtu'] else 'FAILED'}"
+    )
+    if not document["netns"]["fits_path_mtu"]:
+        raise SystemExit(1)
+
+
+def strip_option(argv: list[str], name: str) -> list[str]:
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(name + "="):
+            kept.append(arg)
+    return kept
+
+
+# -- entry -------------------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meshpipe bench transport", description=__doc__.split("\n")[0])
+    p.add_argument("--host", default="127.0.0.1", help="address the server child listens on")
+    p.add_argument(
+        "--sizes",
+        help=f"comma-separated sizes (K/M suffixes); below 1M: round trips, from 1M: transfers "
+        f"(default {DEFAULT_SIZES}, --quick {QUICK_SIZES})",
+    )
+    p.add_argument(
+        "--iterations", type=int, help="round trips per small size (default 2000, --quick 300)"
+    )
+    p.add_argument("--quick", action="store_true", help="fewer iterations, no 64M transfer")
+    p.add_argument("--output", type=Path, help="JSON path (default bench/results/transport-...)")
+    p.add_argument("--netns", action="store_true", help="between two namespaces on a veth pair")
+    p.add_argument(
+        "--datagram-size", type=int, help="override max_datagram_size on both ends (tuning runs)"
+    )
+    p.add_argument(
+        "--congestion-control", choices=("reno", "cubic"), help="override it on both ends"
+    )
+    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--server-netns", help=argparse.SUPPRESS)
+    p.add_argument("--command", help=argparse.SUPPRESS)
+    return p
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    sizes = args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)
+    iterations = args.iterations or (300 if args.quick else 2000)
+    return Settings(
+        host=args.host,
+        sizes=tuple(parse_size(size) for size in sizes.split(",") if size.strip()),
+        iterations=iterations,
+        output=args.output,
+        netns=args.netns,
+        server_netns=args.server_netns,
+        datagram_size=args.datagram_size,
+    )
+
+
+def override_link(args: argparse.Namespace) -> None:
+    """Tuning runs: replace the link's constants in this process (the child gets the same flags)."""
+    if args.datagram_size:
+        quic.LOOPBACK_DATAGRAM_SIZE = quic.LAN_DATAGRAM_SIZE = args.datagram_size
+    if args.congestion_control:
+        quic.CONGESTION_CONTROL = args.congestion_control
+
+
+def invoked_as(argv: list[str]) -> str:
+    """The command line as the user typed it (`meshpipe bench transport ...` or the module)."""
+    if Path(sys.argv[0]).name == "meshpipe":
+        return shlex.join(["meshpipe", "bench", "transport", *argv])
+    return shlex.join(["python", "-m", "bench.transport", *argv])
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser().parse_args(argv)
+    settings = settings_from(args)
+    override_link(args)
+    if args.serve:
+        asyncio.run(serve(settings.host))
+        return
+    command = args.command or invoked_as(argv)
+    if settings.netns:
+        run_netns(argv, settings, command)
+        return
+    results = asyncio.run(run_client(settings))
+    document = report(settings, results, command)
+    print(table(results))
+    write(settings.output or default_output(), document)
+
+
+if __name__ == "__main__":
+    main()
