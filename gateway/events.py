@@ -103,7 +103,8 @@ class RateMeter:
 
 def link_rtt_ms(connection: MeshConnection) -> float | None:
     """The smoothed round-trip time of a QUIC connection, in ms, once one has been measured."""
-    # aioquic keeps its RTT estimate in its loss recovery, without a public accessor.
+    # aioquic keeps its RTT estimate in its loss recovery, without a public accessor; it
+    # never reads below 1 ms.
     recovery = getattr(getattr(connection, "_quic", None), "_loss", None)
     if recovery is None or not getattr(recovery, "_rtt_initialized", False):
         return None
@@ -111,11 +112,16 @@ def link_rtt_ms(connection: MeshConnection) -> float | None:
 
 
 def topology(mesh: Mesh) -> dict[str, Any]:
-    """The mesh's status, each worker with the RTT of its link to the gateway."""
+    """The mesh's status, each worker with `rtt_ms`, the RTT of its link to the gateway: the
+    mesh's own ping measure (`rtt`, seconds) where it reports one, else QUIC's estimate."""
     pipeline = mesh.status()
-    rtts = {w.node_id: link_rtt_ms(w.connection) for w in list(mesh.workers.values())}
+    quic_rtts = {w.node_id: link_rtt_ms(w.connection) for w in list(mesh.workers.values())}
     for worker in pipeline["stages"] + pipeline["workers"]:
-        worker["rtt_ms"] = rtts.get(worker["worker_id"])
+        if "rtt" in worker:
+            rtt = worker["rtt"]
+            worker["rtt_ms"] = None if rtt is None else round(rtt * 1000, 3)
+        else:
+            worker["rtt_ms"] = quic_rtts.get(worker["worker_id"])
     return pipeline
 
 

@@ -56,6 +56,11 @@ function milliseconds(seconds) {
   return seconds < 1 ? `${(seconds * 1000).toFixed(0)} ms` : `${seconds.toFixed(2)} s`;
 }
 
+function latency(milliseconds) {
+  if (milliseconds === null || milliseconds === undefined) return null;
+  return `${milliseconds.toFixed(milliseconds < 10 ? 2 : 1)} ms`;
+}
+
 function duration(seconds) {
   seconds = Math.max(0, Math.floor(seconds));
   const h = Math.floor(seconds / 3600);
@@ -227,7 +232,7 @@ function renderTabs(body) {
 
 // -- topology ----------------------------------------------------------------------------
 
-const NODE = { width: 214, height: 132, gap: 124 };
+const NODE = { width: 232, height: 132, gap: 124 };
 const GATEWAY = { width: 176, height: 112 };
 const MARGIN = 24;
 
@@ -238,7 +243,7 @@ function renderTopology(model, now) {
   const others = [...(feed.workers.get(model.name) || new Map()).values()]
     .filter((worker) => !routeIds.has(worker.info.worker_id))
     .sort((a, b) => (a.status === b.status ? 0 : a.status === "lost" ? 1 : -1));
-  const relay = pipeline.relay || null;
+  const relay = relayOf(pipeline);
   const flowing = model.rates.generated_tokens_per_second > 0 || model.engine.batches_in_flight > 0;
 
   const columns = Math.max(stages.length, others.length, 1);
@@ -275,8 +280,8 @@ function renderTopology(model, now) {
     edges.append(
       edge(
         `M${gatewayBox.x + gatewayBox.width},${first.y + first.height / 2} H${first.x}`,
-        linkClass(stages[0]) + flow,
-        linkLabel(stages[0], "batches", true),
+        linkClass(stages[0].link) + flow,
+        linkLabel(stages[0].link, stages[0].rtt_ms, "batches"),
       ),
     );
     for (let index = 1; index < stages.length; index += 1) {
@@ -285,8 +290,8 @@ function renderTopology(model, now) {
       edges.append(
         edge(
           `M${from.x + from.width},${from.y + from.height / 2} H${to.x}`,
-          linkClass(stages[index]) + flow,
-          linkLabel(stages[index], "hidden states", false),
+          linkClass(stages[index].link) + flow,
+          linkLabel(stages[index].link, nextRtt(stages[index - 1]), "hidden states"),
         ),
       );
     }
@@ -298,8 +303,8 @@ function renderTopology(model, now) {
       edge(
         `M${lastX},${last.y + last.height} V${returnY - 14} Q${lastX},${returnY} ${lastX - 14},${returnY}` +
           ` H${gatewayX + 14} Q${gatewayX},${returnY} ${gatewayX},${returnY - 14} V${gatewayBottom}`,
-        linkClass(stages[stages.length - 1]) + flow,
-        linkLabel(stages[stages.length - 1], "tokens", true),
+        linkClass(returnLink(stages[stages.length - 1])) + flow,
+        linkLabel(returnLink(stages[stages.length - 1]), stages[stages.length - 1].rtt_ms, "tokens"),
         { x: (lastX + gatewayX) / 2, y: returnY },
       ),
     );
@@ -318,7 +323,7 @@ function renderTopology(model, now) {
     const box = { x: stagesX, y: MARGIN, width: NODE.width, height: 80 };
     nodes.append(relayNode(box, relay));
     stages.forEach((stage, index) => {
-      if (stage.link !== "relayed") return;
+      if (stage.link !== "relayed" && stage.gateway_link !== "relayed") return;
       const x = boxes[index].x + boxes[index].width / 2;
       edges.append(edge(`M${box.x + box.width / 2},${box.y + box.height} L${x},${boxes[index].y}`, "edge relayed"));
     });
@@ -343,15 +348,32 @@ function markers() {
   return svg("defs", {}, arrow("arrow"), arrow("arrow-accent", "accent"));
 }
 
-function linkClass(stage) {
-  return `edge ${stage.link === "relayed" ? "relayed" : "direct"}`;
+function linkClass(kind) {
+  return `edge ${kind === "relayed" ? "relayed" : "direct"}`;
 }
 
-// A link's label: its kind and, where the gateway measures it, the RTT, in a pill above the
-// line; what travels on it in a caption below.
-function linkLabel(stage, what, withLatency) {
-  const latency = withLatency && stage.rtt_ms !== null && stage.rtt_ms !== undefined ? ` · ${stage.rtt_ms.toFixed(1)} ms` : "";
-  return { pill: `${stage.link || "direct"}${latency}`, caption: what };
+// The last stage sends tokens back over its own connection to the gateway.
+function returnLink(stage) {
+  return stage.gateway_link || stage.link || "direct";
+}
+
+// The RTT a stage measures to the next one (seconds in the feed), in ms.
+function nextRtt(stage) {
+  return stage.next_rtt === null || stage.next_rtt === undefined ? null : stage.next_rtt * 1000;
+}
+
+// Relays carrying links of this pipeline: the mesh's own, or those its workers joined through.
+function relayOf(pipeline) {
+  if (pipeline.relay) return pipeline.relay;
+  const addresses = [...new Set(pipeline.workers.map((worker) => worker.relay).filter(Boolean))];
+  return addresses.length ? { address: addresses.join(", ") } : null;
+}
+
+// A link's label: its kind and its RTT where one is measured, in a pill above the line; what
+// travels on it in a caption below.
+function linkLabel(kind, rttMs, what) {
+  const rtt = latency(rttMs);
+  return { pill: `${kind || "direct"}${rtt ? ` · ${rtt}` : ""}`, caption: what };
 }
 
 function edge(path, className, label, at) {
@@ -422,7 +444,7 @@ function stageNode(box, stage, stageRate, totalLayers) {
       { text: `${stage.worker_id} · pid ${stage.pid}`, class: "sub mono" },
       { text: `${stage.device} · ${stage.dtype} · ${bytes(stage.memory)}`, class: "sub" },
       { text: `${stageRate ? rate(stageRate.tokens_per_second) : "–"} tok/s${busy}`, class: "figure" },
-      { text: `${stage.address} · RTT ${stage.rtt_ms === null || stage.rtt_ms === undefined ? "–" : `${stage.rtt_ms.toFixed(1)} ms`}`, class: "sub mono" },
+      { text: `${stage.address} · RTT ${latency(stage.rtt_ms) || "–"}`, class: "sub mono" },
     ],
   );
   group.append(svg("rect", { class: "stripe", x: 0, y: 0, width: 5, height: box.height, rx: 2, fill: stageColor(stage.index) }));
@@ -451,7 +473,7 @@ function relayNode(box, relay) {
   return card(box, "relay", { "data-state": "relay" }, [
     { text: "relay", class: "title" },
     { text: relay.address || "", class: "sub mono" },
-    { text: relay.peers !== undefined ? `${relay.peers} peers relayed` : "carries NATed links", class: "sub" },
+    { text: relay.peers !== undefined ? `${relay.peers} peers relayed` : "carries links between NATed peers", class: "sub" },
   ]);
 }
 
