@@ -590,7 +590,7 @@ def run(settings: BenchSettings) -> dict[str, Any]:
         "command": settings.command,
         "started_at": started_at,
         "finished_at": _now(),
-        "machine": host,
+        "machine": host | {"load_average_at_end": [round(v, 2) for v in os.getloadavg()]},
         "source": source_revision(),
         "server": server,
         "argv": sys.argv,
