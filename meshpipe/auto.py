@@ -30,6 +30,7 @@ class AutoSettings:
     spare: int = 0
     max_waiting: int = 64
     max_batch_tokens: int = 256
+    max_in_flight: int = 0
     port: int = 9337
     mesh_port: int = 9338
     slots: int = 8
@@ -81,6 +82,8 @@ class Cluster:
             str(s.max_waiting),
             "--max-batch-tokens",
             str(s.max_batch_tokens),
+            "--max-in-flight",
+            str(s.max_in_flight),
         ]
         self.children.append(("gateway", _spawn(gateway, env, s.verbose)))
         count = s.stages * len(s.models) + s.spare

@@ -36,6 +36,9 @@ def _add_gateway(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-seq-len", type=int, default=2048, help="context length per slot")
     p.add_argument("--max-batch-tokens", type=int, default=256)
     p.add_argument("--max-waiting", type=int, default=64, help="queued requests before 429")
+    p.add_argument(
+        "--max-in-flight", type=int, default=0, help="micro-batches in the pipeline (0: stages)"
+    )
     p.add_argument("--token", default=None, help=f"join token (default: ${TOKEN_ENV} or kept)")
 
 
@@ -71,6 +74,9 @@ def _add_auto(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--slots", type=int, default=8)
     p.add_argument("--max-waiting", type=int, default=64, help="queued requests before 429")
     p.add_argument("--max-batch-tokens", type=int, default=256, help="tokens per micro-batch")
+    p.add_argument(
+        "--max-in-flight", type=int, default=0, help="micro-batches in the pipeline (0: stages)"
+    )
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--device", choices=["cpu", "cuda", "mps"], default="cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
@@ -140,6 +146,7 @@ def run_gateway(args: argparse.Namespace) -> None:
         max_seq_len=args.max_seq_len,
         max_batch_tokens=args.max_batch_tokens,
         max_waiting=args.max_waiting,
+        max_in_flight=args.max_in_flight,
     )
     asyncio.run(serve(settings))
 
@@ -198,6 +205,7 @@ def run_auto(args: argparse.Namespace) -> None:
             spare=args.spare,
             max_waiting=args.max_waiting,
             max_batch_tokens=args.max_batch_tokens,
+            max_in_flight=args.max_in_flight,
             verbose=args.verbose,
             port=args.port,
             mesh_port=args.mesh_port,
