@@ -65,7 +65,9 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
         return sock.getsockname()[1]
 
 
-def start_cluster(model_dir: Path, slots: int, log: Path) -> tuple[subprocess.Popen, str]:
+def start_cluster(
+    model_dir: Path, slots: int, in_flight: int, log: Path
+) -> tuple[subprocess.Popen, str]:
     port = free_port()
     command = [
         sys.executable,
@@ -86,6 +88,8 @@ def start_cluster(model_dir: Path, slots: int, log: Path) -> tuple[subprocess.Po
         "2048",
         "--max-batch-tokens",
         "2048",
+        "--max-in-flight",
+        str(in_flight),
         "--port",
         str(port),
         "--mesh-port",
@@ -180,6 +184,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--single-tokens", type=int, default=256)
     parser.add_argument("--slots", type=int, default=64)
     parser.add_argument("--skip-hf", action="store_true")
+    # Both stages share one GPU here: a second micro-batch in flight reads every weight again
+    # without adding compute, so one batch at a time is the better use of a single device.
+    parser.add_argument("--max-in-flight", type=int, default=1)
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
     os.environ.setdefault("MESHPIPE_HOME", "/tmp/meshpipe-gpu-bench")
@@ -190,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     weights = weight_bytes(model_dir)
     log = Path(os.environ["MESHPIPE_HOME"]) / "cluster.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    process, url = start_cluster(model_dir, args.slots, log)
+    process, url = start_cluster(model_dir, args.slots, args.max_in_flight, log)
     try:
         ours = serve_figures(url, model_dir, args)
     finally:
