@@ -25,6 +25,8 @@ from typing import Any
 from gateway.engine import Engine
 from meshpipe.models.config import ModelConfig
 from meshpipe.quic import MeshConnection
+from meshpipe.reach import Hop
+from meshpipe.relay_link import link_kind
 from meshpipe.wire import Frame, Kind
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,16 @@ class WorkerInfo:
     layers: tuple[int, int] | None = None
     ready: bool = False
     figures: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str = ""
+    direct: bool = True
+    relay: str = ""
+    link: str = "direct"
+    """How the link into this stage is carried: the gateway's for the first stage, else the
+    one the previous stage dialed (as it reported in READY)."""
+
+    def hop(self) -> Hop:
+        """How the previous stage reaches this worker."""
+        return Hop(self.node_id, self.host, self.port, self.fingerprint, self.direct, self.relay)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -66,7 +78,9 @@ class WorkerInfo:
             "layers": list(self.layers) if self.layers else None,
             "ready": self.ready,
             "role": "stage" if self.layers else "standby",
-            "link": "direct",
+            "link": self.link,
+            "gateway_link": link_kind(self.connection),
+            "relay": self.relay or None,
             "active_slots": self.figures.get("active_slots", 0),
             "steps": self.figures.get("steps", 0),
             "step_seconds": self.figures.get("step_seconds", 0.0),
@@ -188,6 +202,9 @@ class Mesh:
                 dtype=str(meta["dtype"]),
                 memory=int(meta["memory"]),
                 models=[str(m) for m in meta.get("models", [])],
+                fingerprint=str(meta.get("fingerprint") or ""),
+                direct=bool(meta.get("direct", True)),
+                relay=str(meta.get("relay") or ""),
             )
         except (KeyError, TypeError, ValueError):
             connection.send(
@@ -216,11 +233,23 @@ class Mesh:
         if worker is None or meta.get("plan", {}).get("plan_id") != self.plan_id:
             return
         worker.ready = True
+        self._note_links(worker, meta)
         if self.route and all(w.ready for w in self.route):
             self.live = True
             log.info("pipeline ready: %s", self.describe_route())
             self._record("route_ready", route=self.describe_route())
             self.engine.on_pipeline_ready(self)
+
+    def _note_links(self, worker: WorkerInfo, meta: dict[str, Any]) -> None:
+        if worker not in self.route:
+            return
+        index = self.route.index(worker)
+        if index == 0:
+            worker.link = link_kind(worker.connection)
+        if index + 1 < len(self.route):
+            self.route[index + 1].link = (
+                "relayed" if meta.get("next_link") == "relayed" else "direct"
+            )
 
     def _error(self, worker: WorkerInfo | None, frame: Frame) -> None:
         message = str(frame.meta.get("message", "unknown error"))
@@ -317,9 +346,7 @@ class Mesh:
             "layer_end": layers[1],
             "num_slots": settings.num_slots,
             "max_seq_len": settings.max_seq_len,
-            "next": None
-            if following is None
-            else {"node_id": following.node_id, "host": following.host, "port": following.port},
+            "next": None if following is None else following.hop().meta(),
         }
 
     # -- the engine's pipeline -------------------------------------------------------------
@@ -350,8 +377,16 @@ class Mesh:
             ],
             "workers": [worker.describe() for worker in self.workers.values()],
             "standby": [w.node_id for w in self.workers.values() if w not in self.route],
+            "relay": self._relay_status(),
             "events": self.events[-20:],
         }
+
+    def _relay_status(self) -> dict[str, Any] | None:
+        """The relay carrying links of the route, if any, and how many it carries."""
+        relayed = [
+            w for w in self.route if "relayed" in (w.link, link_kind(w.connection)) and w.relay
+        ]
+        return {"address": relayed[0].relay, "peers": len(relayed)} if relayed else None
 
 
 class MeshRouter:

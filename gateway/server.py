@@ -21,6 +21,8 @@ from meshpipe.identity import load_or_create_identity
 from meshpipe.models.catalog import resolve
 from meshpipe.models.config import ModelConfig
 from meshpipe.quic import bound_port, listen
+from meshpipe.reach import GATEWAY_NODE_ID
+from meshpipe.relay_link import RelayLink
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,8 @@ class GatewaySettings:
     max_batch_tokens: int = 256
     max_waiting: int = 64
     max_in_flight: int = 0
+    # Register with this relay (HOST, PORT), so workers that cannot reach us directly can.
+    relay: tuple[str, int] | None = None
 
 
 def served_name(spec: str, model_dir: Path) -> str:
@@ -78,6 +82,11 @@ async def serve(settings: GatewaySettings) -> None:
     identity = load_or_create_identity(dirs.config_dir() / "nodes", "gateway")
     router = MeshRouter({name: model.mesh for name, model in models.items()})
     quic = await listen(settings.mesh_host, settings.mesh_port, identity, router, settings.token)
+    relay = None
+    if settings.relay is not None:
+        relay = await RelayLink.open(
+            settings.relay, GATEWAY_NODE_ID, settings.token, identity, router
+        )
     state = GatewayState(models, metrics, settings.token, time.time())
     server = uvicorn.Server(
         uvicorn.Config(
@@ -103,3 +112,5 @@ async def serve(settings: GatewaySettings) -> None:
         for task in tasks:
             task.cancel()
         quic.close()
+        if relay is not None:
+            relay.close()

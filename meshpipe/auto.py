@@ -39,6 +39,9 @@ class AutoSettings:
     dtype: str = "float32"
     ready_timeout: float = 600.0
     verbose: bool = False
+    # Start a relay too, and make one worker take relayed connections only.
+    relay: bool = False
+    relay_port: int = 9339
 
 
 class ClusterFailed(Exception):
@@ -85,7 +88,14 @@ class Cluster:
             "--max-in-flight",
             str(s.max_in_flight),
         ]
+        relay = f"127.0.0.1:{s.relay_port}"
+        if s.relay:
+            gateway += ["--relay", relay]
         self.children.append(("gateway", _spawn(gateway, env, s.verbose)))
+        if s.relay:
+            command = ["relay", "--host", "127.0.0.1", "--port", str(s.relay_port)]
+            command += ["--status", relay]  # TCP, the same port number
+            self.children.append(("relay", _spawn(command, env, s.verbose)))
         count = s.stages * len(s.models) + s.spare
         threads = max(1, (os.cpu_count() or 1) // count) if s.device == "cpu" else 0
         for index in range(count):
@@ -102,6 +112,9 @@ class Cluster:
                 "--id",
                 f"worker-{index}",
             ]
+            if s.relay:
+                worker += ["--relay", relay]
+                worker += ["--relay-only"] if index == s.stages - 1 else []
             self.children.append((f"worker-{index}", _spawn(worker, env, s.verbose)))
 
     def check_alive(self) -> None:
@@ -161,9 +174,10 @@ def _print_ready(url: str, status: dict, seconds: float) -> None:
         print(f"  model {model['name']!r}:")
         for stage in model["pipeline"]["stages"]:
             start, end = stage["layers"]
+            via = f", reached via relay {stage['relay']}" if stage.get("link") == "relayed" else ""
             print(
                 f"    stage {stage['index']}: layers [{start}, {end}) on {stage['worker_id']} "
-                f"(pid {stage['pid']}, {stage['device']}, {stage['dtype']}, {stage['address']})"
+                f"(pid {stage['pid']}, {stage['device']}, {stage['dtype']}, {stage['address']}{via})"
             )
         for standby in model["pipeline"]["standby"]:
             print(f"    standby: {standby}")

@@ -40,6 +40,7 @@ def _add_gateway(sub: argparse._SubParsersAction) -> None:
         "--max-in-flight", type=int, default=0, help="micro-batches in the pipeline (0: stages)"
     )
     p.add_argument("--token", default=None, help=f"join token (default: ${TOKEN_ENV} or kept)")
+    p.add_argument("--relay", type=_host_port, help="register with this relay (HOST:PORT)")
 
 
 def _add_worker(sub: argparse._SubParsersAction) -> None:
@@ -54,6 +55,8 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--id", default="", help="node id (default: random)")
     p.add_argument("--max-memory", type=int, default=0, help="bytes offered to the planner")
     p.add_argument("--model", default="", help="serve this model (default: where needed)")
+    p.add_argument("--relay", type=_host_port, help="a relay for links a NAT blocks (HOST:PORT)")
+    p.add_argument("--relay-only", action="store_true", help="every link through the relay")
     p.add_argument(
         "--cuda-graphs",
         action=argparse.BooleanOptionalAction,
@@ -81,6 +84,24 @@ def _add_auto(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=["cpu", "cuda", "mps"], default="cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--ready-timeout", type=float, default=600.0)
+    p.add_argument("--relay", action="store_true", help="start a relay and route a stage via it")
+    p.add_argument("--relay-port", type=int, default=9339)
+
+
+def _add_relay(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("relay", help="forward QUIC packets for peers behind NAT; `relay status`")
+    p.add_argument("action", nargs="?", choices=["serve", "status", "key"], default="serve")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=9339)
+    p.add_argument("--token", default=None, help=f"join token or relay key (or ${TOKEN_ENV})")
+    p.add_argument("--status", type=_host_port, default=("127.0.0.1", 9339), help="HTTP status")
+    p.add_argument("--no-status", action="store_true", help="serve no HTTP status endpoint")
+    p.add_argument("--json", action="store_true", help="status: print the raw JSON")
+    p.add_argument("--max-peers", type=int, default=1024)
+    p.add_argument("--max-links", type=int, default=64, help="peers one peer may send to")
+    p.add_argument("--rate", type=int, default=0, help="bytes/s one peer may send (0: no limit)")
+    p.add_argument("--idle", type=float, default=30.0, help="seconds before a silent peer expires")
+    p.add_argument("--dump", default=None, help="debug: append every forwarded datagram here")
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
@@ -113,6 +134,7 @@ def parser() -> argparse.ArgumentParser:
     _add_worker(sub)
     _add_models(sub)
     _add_bench(sub)
+    _add_relay(sub)
     return root
 
 
@@ -147,6 +169,7 @@ def run_gateway(args: argparse.Namespace) -> None:
         max_batch_tokens=args.max_batch_tokens,
         max_waiting=args.max_waiting,
         max_in_flight=args.max_in_flight,
+        relay=args.relay,
     )
     asyncio.run(serve(settings))
 
@@ -168,8 +191,17 @@ def run_worker(args: argparse.Namespace) -> None:
         max_memory=args.max_memory,
         model=args.model,
         cuda_graphs=args.cuda_graphs,
+        relay=args.relay,
+        relay_only=args.relay_only,
     )
-    asyncio.run(WorkerNode(settings).run())
+    if settings.relay_only and settings.relay is None:
+        raise SystemExit("error: --relay-only needs --relay HOST:PORT")
+    from meshpipe.relay_link import RelayRefused
+
+    try:
+        asyncio.run(WorkerNode(settings).run())
+    except RelayRefused as error:
+        raise SystemExit(f"error: the relay refused this worker: {error}") from None
 
 
 def run_models(args: argparse.Namespace) -> None:
@@ -214,6 +246,8 @@ def run_auto(args: argparse.Namespace) -> None:
             device=args.device,
             dtype=args.dtype,
             ready_timeout=args.ready_timeout,
+            relay=args.relay,
+            relay_port=args.relay_port,
         )
     )
 
@@ -231,12 +265,26 @@ def run_bench(args: argparse.Namespace) -> None:
     bench_main(arguments)
 
 
+def run_relay(args: argparse.Namespace) -> None:
+    from relay import command
+
+    if args.action == "status":
+        command.print_status(args.status, args.json)
+        return
+    key = command.key_of(_token(args.token, create=False))
+    if args.action == "key":
+        print(key)
+        return
+    asyncio.run(command.serve(args, key))
+
+
 COMMANDS = {
     "gateway": run_gateway,
     "worker": run_worker,
     "models": run_models,
     "auto": run_auto,
     "bench": run_bench,
+    "relay": run_relay,
 }
 
 

@@ -24,11 +24,12 @@ from aioquic.asyncio import QuicConnectionProtocol, connect, serve
 from aioquic.asyncio.server import QuicServer
 from aioquic.buffer import size_uint_var
 from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.congestion.base import create_congestion_control
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamDataReceived, StreamReset
 from aioquic.quic.packet import QuicFrameType
 from aioquic.quic.packet_builder import QuicPacketBuilder
-from aioquic.quic.recovery import QuicPacketSpace
+from aioquic.quic.recovery import QuicPacketPacer, QuicPacketSpace
 from aioquic.quic.stream import QuicStream
 from aioquic.tls import Epoch
 
@@ -37,7 +38,11 @@ from meshpipe.wire import DEFAULT_MAX_PAYLOAD_BYTES, Frame, FrameDecoder, FrameE
 from meshpipe.wire import error_frame as make_error_frame
 
 ALPN = "meshpipe/1"
-LOOPBACK_DATAGRAM_SIZE = 16000
+# aioquic's cost is per packet, so on-host links (lo's MTU is 65535/65536) use the largest
+# datagram both IP families carry. Measured with `meshpipe bench transport` on a 2-core VM
+# (docs/transport.md): 16 MiB one way at 16000 B about 230 MB/s, at 65000 B about 660 MB/s.
+# 32000 broke links before _write_wide_stream_frame: aioquic's STREAM length field caps at 16383.
+LOOPBACK_DATAGRAM_SIZE = 65000
 # Fits a 1500-byte Ethernet MTU under IPv6 (40) and UDP (8) headers.
 LAN_DATAGRAM_SIZE = 1452
 PATH_HEADER_BYTES = 48  # IPv6 + UDP headers, the larger of the two families
@@ -179,10 +184,8 @@ class MeshConnection(QuicConnectionProtocol):
 
     def __init__(self, *args: Any, handler: FrameHandler, token: str, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if self._quic._max_datagram_size > NARROW_STREAM_FRAME_LIMIT:
-            self._quic._write_stream_frame = types.MethodType(  # type: ignore[method-assign]
-                _write_wide_stream_frame, self._quic
-            )
+        self._use_wide_frames_if_needed()
+        self._path_known = self._quic._is_client  # a client dialled a host it sized for
         self._receiving = False
         self.handler = handler
         self.token = token
@@ -256,7 +259,32 @@ class MeshConnection(QuicConnectionProtocol):
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_BYTES)
 
+    def _use_wide_frames_if_needed(self) -> None:
+        if self._quic._max_datagram_size > NARROW_STREAM_FRAME_LIMIT:
+            self._quic._write_stream_frame = types.MethodType(  # type: ignore[method-assign]
+                _write_wide_stream_frame, self._quic
+            )
+        else:  # aioquic's own writer
+            self._quic.__dict__.pop("_write_stream_frame", None)
+
+    def _fit_datagrams_to(self, host: str) -> None:
+        """A listener learns its peer's path from the peer's first datagram: size packets for
+        that path before sending any (its configuration only knew the bind address)."""
+        self._path_known = True
+        size = datagram_size_for(host)
+        quic = self._quic
+        if size == quic._max_datagram_size:
+            return
+        # What aioquic derives from the size at creation, derived again; nothing is in flight.
+        quic._max_datagram_size = size
+        algorithm = quic._configuration.congestion_control_algorithm
+        quic._loss._cc = create_congestion_control(algorithm, max_datagram_size=size)
+        quic._loss._pacer = QuicPacketPacer(max_datagram_size=size)
+        self._use_wide_frames_if_needed()
+
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        if not self._path_known:
+            self._fit_datagrams_to(addr[0])
         self._receiving = True
         try:
             super().datagram_received(data, addr)

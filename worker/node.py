@@ -25,6 +25,8 @@ from meshpipe.identity import load_or_create_identity
 from meshpipe.models.catalog import installed, resolve
 from meshpipe.models.config import ModelConfig
 from meshpipe.quic import Dialer, MeshConnection, bound_port, listen
+from meshpipe.reach import GATEWAY_NODE_ID, Hop, dial
+from meshpipe.relay_link import RelayLink, RelayUnavailable, link_kind
 from meshpipe.wire import Frame, FrameError, Kind, error_frame
 from worker.batch import Batch, parse_batch
 from worker.cuda_graphs import DecodeGraphs
@@ -53,6 +55,8 @@ class WorkerSettings:
     node_id: str = ""
     max_memory: int = 0
     model: str = ""
+    relay: tuple[str, int] | None = None
+    relay_only: bool = False
     cuda_graphs: bool = True
 
     def torch_dtype(self) -> torch.dtype:
@@ -102,6 +106,7 @@ class WorkerNode:
         self.assign_lock = asyncio.Lock()
         self.graphs: DecodeGraphs | None = None
         self._pinned: torch.Tensor | None = None
+        self.relay: RelayLink | None = None
 
     # -- life ------------------------------------------------------------------------------
 
@@ -110,9 +115,11 @@ class WorkerNode:
             self.settings.host, self.settings.port, self.identity, self, self.settings.token
         )
         self.port = bound_port(server)
-        self.gateway = await self.dialer.dial(
-            self.settings.gateway_host, self.settings.gateway_port, self, self._hello()
-        )
+        if self.settings.relay is not None:
+            self.relay = await RelayLink.open(
+                self.settings.relay, self.node_id, self.settings.token, self.identity, self
+            )
+        self.gateway = await self._dial_gateway()
         self.gateway.send(Frame(Kind.REGISTER, 0, self._description()))
         tasks = [asyncio.create_task(self._compute_loop()), asyncio.create_task(self._heartbeat())]
         try:
@@ -121,8 +128,22 @@ class WorkerNode:
             for task in tasks:
                 task.cancel()
             server.close()
+            if self.relay is not None:
+                self.relay.close()
             await self.dialer.close()
             self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _dial_gateway(self) -> MeshConnection:
+        """Directly, or through the relay, where the gateway may not have registered yet."""
+        s = self.settings
+        hop = Hop(GATEWAY_NODE_ID, s.gateway_host, s.gateway_port)
+        for _ in range(20):
+            try:
+                return await dial(self.dialer, self.relay, hop, self, self._hello(), s.relay_only)
+            except RelayUnavailable as error:
+                log.warning("gateway not reachable yet: %s", error)
+                await asyncio.sleep(1.0)
+        return await dial(self.dialer, self.relay, hop, self, self._hello(), s.relay_only)
 
     def _hello(self) -> dict[str, Any]:
         return {"node_id": self.node_id, "role": "worker"}
@@ -141,6 +162,9 @@ class WorkerNode:
             "memory": offered,
             "model": self.settings.model,
             "models": [model["name"] for model in installed() if model["complete"]],
+            "fingerprint": self.identity.fingerprint(),
+            "direct": not self.settings.relay_only,
+            "relay": self.relay.address if self.relay is not None else None,
         }
 
     async def _heartbeat(self) -> None:
@@ -199,15 +223,17 @@ class WorkerNode:
                 self.gateway.send(error_frame("assign_failed", f"{type(error).__name__}: {error}"))
                 return
             self.active_slots.clear()
-            self.gateway.send(Frame(Kind.READY, 0, {"node_id": self.node_id, "plan": meta}))
+            ready = {"node_id": self.node_id, "plan": meta, "next_link": link_kind(self.next_stage)}
+            self.gateway.send(Frame(Kind.READY, 0, ready))
 
     async def _link_next(self, following: dict[str, Any] | None) -> None:
         old, self.next_stage = self.next_stage, None
         if old is not None and not old.closed:
             old.close()
         if following:
-            self.next_stage = await self.dialer.dial(
-                following["host"], following["port"], self, self._hello()
+            hop = Hop.from_meta(following)
+            self.next_stage = await dial(
+                self.dialer, self.relay, hop, self, self._hello(), self.settings.relay_only
             )
 
     async def _load(self, meta: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from aioquic.asyncio import connect
 from aioquic.asyncio.server import QuicServer
+from aioquic.quic.connection import QuicConnection
 
 from meshpipe.identity import Identity, load_or_create_identity, new_join_token
 from meshpipe.quic import (
@@ -277,3 +278,23 @@ def test_datagram_size_follows_the_path() -> None:
     assert datagram_size_for("some-host.invalid") == LAN_DATAGRAM_SIZE
     off_host = datagram_size_for("203.0.113.7")  # TEST-NET-3: never this machine
     assert SMALLEST_DATAGRAM_SIZE <= off_host <= LAN_DATAGRAM_SIZE
+
+
+def test_a_listener_sizes_datagrams_for_each_peers_path(
+    identities: tuple[Identity, Identity],
+) -> None:
+    server_identity, _ = identities
+
+    async def scenario() -> None:
+        # Bound to loopback, so configured for loopback; then a peer from off-host arrives.
+        config = configuration(False, server_identity, datagram_size_for(HOST))
+        quic = QuicConnection(configuration=config, original_destination_connection_id=bytes(8))
+        connection = MeshConnection(quic, handler=Recorder(), token="")
+        assert connection._quic._max_datagram_size == LOOPBACK_DATAGRAM_SIZE
+        connection._fit_datagrams_to("203.0.113.7")
+        size = connection._quic._max_datagram_size
+        assert SMALLEST_DATAGRAM_SIZE <= size <= LAN_DATAGRAM_SIZE
+        assert connection._quic._loss.congestion_window == 10 * size  # aioquic's initial window
+        assert "_write_stream_frame" not in connection._quic.__dict__  # aioquic's own writer
+
+    run(scenario)
