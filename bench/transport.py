@@ -57,6 +57,8 @@ TRANSFER_BUDGET = 512 << 20  # bytes per size and link, so large sizes take few 
 TCP_HEADER = struct.Struct("<BQ")  # kind, payload length
 TCP_ECHO, TCP_ACK = 1, 2
 NETNS_MTU = 1500
+# Not in Python's socket module: IP_MTU_DISCOVER, IPV6_MTU_DISCOVER, IP(V6)_PMTUDISC_DO.
+LINUX_IP_MTU_DISCOVER, LINUX_IPV6_MTU_DISCOVER, LINUX_PMTUDISC_DO = 10, 23, 2
 NETNS_SUBNET = "10.213.0"
 TARGETS = {"hop_p50_us": 150.0, "hop_p99_us": 1000.0, "mb_per_s_16m": 300.0, "tcp_ratio": 0.5}
 
@@ -105,26 +107,35 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def latency_summary(round_trips: list[float]) -> dict[str, float]:
+def latency_summary(round_trips: list[float], cpu: Cpu) -> dict[str, float]:
     """Round-trip percentiles, and half of them as the one-way hop, in microseconds."""
     p50, p99 = percentile(round_trips, 0.50) * 1e6, percentile(round_trips, 0.99) * 1e6
+    count = len(round_trips)
     return {
         "hop_p50_us": round(p50 / 2, 1),
         "hop_p99_us": round(p99 / 2, 1),
         "rtt_p50_us": round(p50, 1),
         "rtt_p99_us": round(p99, 1),
         "rtt_min_us": round(min(round_trips) * 1e6, 1),
-        "samples": len(round_trips),
+        "samples": count,
+        # CPU time both processes spent per round trip: what a quiet machine would need.
+        "cpu_us_client": round(cpu.client / count * 1e6, 1),
+        "cpu_us_server": round(cpu.server / count * 1e6, 1),
     }
 
 
-def throughput_summary(size: int, seconds: list[float]) -> dict[str, float]:
+def throughput_summary(size: int, seconds: list[float], cpu: Cpu) -> dict[str, float]:
     rates = [size / elapsed / 1e6 for elapsed in seconds]
+    busiest = max(cpu.client, cpu.server) / len(seconds)
     return {
         "mb_per_s": round(statistics.median(rates), 1),
         "mb_per_s_best": round(max(rates), 1),
         "seconds_median": round(statistics.median(seconds), 5),
         "repeats": len(seconds),
+        "cpu_ms_client": round(cpu.client / len(seconds) * 1e3, 2),
+        "cpu_ms_server": round(cpu.server / len(seconds) * 1e3, 2),
+        # The rate if each process had a core to itself: bound by the busier one's CPU time.
+        "cpu_bound_mb_per_s": round(size / busiest / 1e6, 1),
     }
 
 
@@ -141,6 +152,8 @@ class DatagramSizes:
     def __init__(self) -> None:
         self.largest_sent = 0
         self.largest_received = 0
+        self.dont_fragment = False
+        self.max_datagram_size = 0  # what the link's packets were sized for
 
     def watch_sends(self, transport: Any) -> None:
         send = transport.sendto
@@ -161,14 +174,27 @@ class DatagramSizes:
         protocol.datagram_received = datagram_received
 
     def as_dict(self) -> dict[str, int]:
-        return {"largest_sent": self.largest_sent, "largest_received": self.largest_received}
+        return {
+            "largest_sent": self.largest_sent,
+            "largest_received": self.largest_received,
+            "dont_fragment": self.dont_fragment,
+            "max_datagram_size": self.max_datagram_size,
+        }
 
 
-def forbid_fragmentation(transport: Any) -> None:
-    """Set DF on a UDP socket: an oversized datagram then fails instead of being fragmented."""
+def forbid_fragmentation(transport: Any) -> bool:
+    """Set DF on a UDP socket (Linux): an oversized datagram then fails with EMSGSIZE instead
+    of leaving in fragments. A dual-stack socket (aioquic's client) takes both options, the
+    IPv4 one governing its IPv4-mapped traffic. True when set."""
     sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family == socket.AF_INET and hasattr(socket, "IP_MTU_DISCOVER"):
-        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MTU_DISCOVER, socket.IP_PMTUDISC_DO)
+    if sock is None or sys.platform != "linux":
+        return False
+    options = [(socket.IPPROTO_IP, LINUX_IP_MTU_DISCOVER)]
+    if sock.family == socket.AF_INET6:
+        options.append((socket.IPPROTO_IPV6, LINUX_IPV6_MTU_DISCOVER))
+    for level, option in options:
+        sock.setsockopt(level, option, LINUX_PMTUDISC_DO)
+    return all(sock.getsockopt(level, option) == LINUX_PMTUDISC_DO for level, option in options)
 
 
 # -- the server child --------------------------------------------------------------------------
@@ -184,7 +210,8 @@ class EchoServer:
     def on_frame(self, connection: MeshConnection, frame: Frame) -> None:
         if not self.watched:
             self.sizes.watch_sends(connection._transport)
-            forbid_fragmentation(connection._transport)
+            self.sizes.dont_fragment = forbid_fragmentation(connection._transport)
+            self.sizes.max_datagram_size = connection._quic._max_datagram_size
             self.watched = True
         if frame.kind != Kind.ECHO:
             return
@@ -192,7 +219,8 @@ class EchoServer:
             received = 0 if frame.tensor is None else frame.tensor.nbytes
             connection.send(Frame(Kind.ECHO, frame.message_id, {"received": received}))
         elif frame.meta.get("stats"):
-            connection.send(Frame(Kind.ECHO, frame.message_id, self.sizes.as_dict()))
+            stats = {**self.sizes.as_dict(), "cpu_seconds": time.process_time()}
+            connection.send(Frame(Kind.ECHO, frame.message_id, stats))
         else:
             connection.send(Frame(Kind.ECHO, frame.message_id, {}, frame.tensor))
 
@@ -269,6 +297,9 @@ class QuicLink:
         self.connection.send(Frame(Kind.ECHO, message_id, meta, tensor))
         return await reply
 
+    async def server_cpu(self) -> float:
+        return float((await self.request({"stats": True}, None)).meta["cpu_seconds"])
+
     async def round_trip(self, tensor: torch.Tensor) -> float:
         message_id, reply = self.replies.expect()
         frame = Frame(Kind.ECHO, message_id, {}, tensor)
@@ -315,10 +346,24 @@ class TcpLink:
 Measure = Callable[[torch.Tensor], Any]
 
 
-async def sample(measure: Measure, tensor: torch.Tensor, count: int, warmup: int) -> list[float]:
+@dataclass(frozen=True)
+class Cpu:
+    """CPU seconds (user + system) each process spent on a measurement."""
+
+    client: float
+    server: float
+
+
+async def sample(
+    quic: QuicLink, measure: Measure, tensor: torch.Tensor, count: int, warmup: int
+) -> tuple[list[float], Cpu]:
+    """`count` timings of `measure`, and the CPU both processes spent on them."""
     for _ in range(warmup):
         await measure(tensor)
-    return [await measure(tensor) for _ in range(count)]
+    client, server = time.process_time(), await quic.server_cpu()
+    samples = [await measure(tensor) for _ in range(count)]
+    cpu = Cpu(time.process_time() - client, await quic.server_cpu() - server)
+    return samples, cpu
 
 
 async def measure_links(quic: QuicLink, tcp: TcpLink, settings: Settings) -> dict[str, Any]:
@@ -329,16 +374,22 @@ async def measure_links(quic: QuicLink, tcp: TcpLink, settings: Settings) -> dic
         if size < TRANSFER_FROM:
             count, warmup = settings.iterations, max(20, settings.iterations // 10)
             row: dict[str, Any] = {"size": size, "label": label(size)}
-            row["quic"] = latency_summary(await sample(quic.round_trip, tensor, count, warmup))
-            row["tcp"] = latency_summary(await sample(tcp.round_trip, tensor, count, warmup))
+            row["quic"] = latency_summary(
+                *await sample(quic, quic.round_trip, tensor, count, warmup)
+            )
+            row["tcp"] = latency_summary(*await sample(quic, tcp.round_trip, tensor, count, warmup))
             row["ratio_p50"] = round(row["quic"]["hop_p50_us"] / row["tcp"]["hop_p50_us"], 2)
             row["ratio_p99"] = round(row["quic"]["hop_p99_us"] / row["tcp"]["hop_p99_us"], 2)
             latency.append(row)
         else:
             count = repeats_for(size, settings.iterations)
             row = {"size": size, "label": label(size)}
-            row["quic"] = throughput_summary(size, await sample(quic.transfer, tensor, count, 1))
-            row["tcp"] = throughput_summary(size, await sample(tcp.transfer, tensor, count, 1))
+            row["quic"] = throughput_summary(
+                size, *await sample(quic, quic.transfer, tensor, count, 1)
+            )
+            row["tcp"] = throughput_summary(
+                size, *await sample(quic, tcp.transfer, tensor, count, 1)
+            )
             row["ratio"] = round(row["quic"]["mb_per_s"] / row["tcp"]["mb_per_s"], 2)
             throughput.append(row)
         print(f"  measured {label(size)}", file=sys.stderr, flush=True)
@@ -381,7 +432,8 @@ async def run_client(settings: Settings) -> dict[str, Any]:
         sizes = DatagramSizes()
         sizes.watch_sends(connection._transport)
         sizes.watch_receives(connection)
-        forbid_fragmentation(connection._transport)
+        sizes.dont_fragment = forbid_fragmentation(connection._transport)
+        sizes.max_datagram_size = connection._quic._max_datagram_size
         reader, writer = await asyncio.open_connection(
             settings.host, tcp_port, limit=TRANSFER_BUDGET
         )
@@ -436,30 +488,37 @@ def check_targets(results: dict[str, Any]) -> dict[str, Any]:
 
 def table(results: dict[str, Any]) -> str:
     lines = [
-        "one-way hop = half the measured round trip (us)",
+        "one-way hop = half the measured round trip (us); CPU us/RT: both processes' CPU time",
         f"{'size':>6} | {'QUIC p50':>9} {'p99':>9} | {'TCP p50':>9} {'p99':>9} | "
-        f"{'QUIC/TCP p50':>12} {'p99':>6}",
+        f"{'QUIC/TCP p50':>12} {'p99':>6} | {'CPU us/RT QUIC':>14} {'TCP':>6}",
     ]
     for row in results["latency"]:
         quic, tcp = row["quic"], row["tcp"]
         lines.append(
             f"{row['label']:>6} | {quic['hop_p50_us']:>9.1f} {quic['hop_p99_us']:>9.1f} | "
             f"{tcp['hop_p50_us']:>9.1f} {tcp['hop_p99_us']:>9.1f} | "
-            f"{row['ratio_p50']:>12.2f} {row['ratio_p99']:>6.2f}"
+            f"{row['ratio_p50']:>12.2f} {row['ratio_p99']:>6.2f} | "
+            f"{cpu_per_round_trip(quic):>14.0f} {cpu_per_round_trip(tcp):>6.0f}"
         )
     lines += [
         "",
-        "one-way transfer, median over repeats (MB/s = 1e6 bytes/s)",
+        "one-way transfer, median over repeats (MB/s = 1e6 bytes/s); CPU-bound: the rate the"
+        " busier process's CPU time allows",
         f"{'size':>6} | {'QUIC MB/s':>10} {'best':>8} | {'TCP MB/s':>10} {'best':>8} | "
-        f"{'QUIC/TCP':>8}",
+        f"{'QUIC/TCP':>8} | {'CPU-bound QUIC':>14} {'TCP':>7}",
     ]
     for row in results["throughput"]:
         quic, tcp = row["quic"], row["tcp"]
         lines.append(
             f"{row['label']:>6} | {quic['mb_per_s']:>10.1f} {quic['mb_per_s_best']:>8.1f} | "
-            f"{tcp['mb_per_s']:>10.1f} {tcp['mb_per_s_best']:>8.1f} | {row['ratio']:>8.2f}"
+            f"{tcp['mb_per_s']:>10.1f} {tcp['mb_per_s_best']:>8.1f} | {row['ratio']:>8.2f} | "
+            f"{quic['cpu_bound_mb_per_s']:>14.1f} {tcp['cpu_bound_mb_per_s']:>7.1f}"
         )
     return "\n".join(lines)
+
+
+def cpu_per_round_trip(summary: dict[str, float]) -> float:
+    return summary["cpu_us_client"] + summary["cpu_us_server"]
 
 
 def default_output(suffix: str = "") -> Path:
@@ -610,7 +669,8 @@ def run_netns(argv: list[str], settings: Settings, command: str) -> None:
         "largest_udp_payload": largest,
         "largest_ip_packet": largest + 28,
         "fits_path_mtu": largest + 28 <= NETNS_MTU and fragments == 0,
-        "dont_fragment": True,
+        "dont_fragment": datagrams["client"]["dont_fragment"]
+        and datagrams["server"]["dont_fragment"],
         "counters": counters,
     }
     write(output, document)
