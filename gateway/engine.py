@@ -187,11 +187,15 @@ class Engine:
         while True:
             await self.wakeup.wait()
             self.wakeup.clear()
-            while self.pipeline is not None and len(self.in_flight) < self.settings.max_in_flight:
-                entries = self._next_batch()
-                if not entries:
-                    break
-                self._send(entries)
+            self.fill()
+
+    def fill(self) -> None:
+        """Send micro-batches until the pipeline holds `max_in_flight` of them."""
+        while self.pipeline is not None and len(self.in_flight) < self.settings.max_in_flight:
+            entries = self._next_batch()
+            if not entries:
+                break
+            self._send(entries)
 
     def _admit(self) -> None:
         while self.waiting and self.free_slots:
@@ -259,7 +263,9 @@ class Engine:
             elif entry.sampled:
                 self._accept(sequence, next(sampled))
         self.metrics.batches_in_flight.set(len(self.in_flight))
-        self.wakeup.set()
+        # The next step leaves now, before any stream task runs: the stages compute while
+        # the event loop turns tokens into SSE chunks.
+        self.fill()
 
     def _accept(self, sequence: Sequence, token: int) -> None:
         now = time.monotonic()
