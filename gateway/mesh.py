@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.engine import Engine
+from meshpipe.latency import LinkLatency
 from meshpipe.models.config import ModelConfig
 from meshpipe.quic import MeshConnection
 from meshpipe.reach import Hop
@@ -55,6 +56,7 @@ class WorkerInfo:
     layers: tuple[int, int] | None = None
     ready: bool = False
     figures: dict[str, Any] = field(default_factory=dict)
+    latency: LinkLatency = field(default_factory=LinkLatency)
     fingerprint: str = ""
     direct: bool = True
     relay: str = ""
@@ -79,6 +81,8 @@ class WorkerInfo:
             "ready": self.ready,
             "role": "stage" if self.layers else "standby",
             "link": self.link,
+            "rtt": self.latency.rtt,
+            "next_rtt": self.figures.get("next_rtt"),
             "gateway_link": link_kind(self.connection),
             "relay": self.relay or None,
             "active_slots": self.figures.get("active_slots", 0),
@@ -155,6 +159,8 @@ class Mesh:
                     self._lost(worker, "missed its heartbeats")
                     with contextlib.suppress(Exception):
                         worker.connection.close()
+                else:
+                    worker.latency.ping(worker.connection)
             if not self.route:
                 self._maybe_plan()
 
@@ -172,6 +178,8 @@ class Mesh:
             self._register(connection, frame.meta)
         elif frame.kind == Kind.STATUS and worker is not None:
             worker.figures = frame.meta
+        elif frame.kind == Kind.HEARTBEAT and worker is not None:
+            worker.latency.on_frame(frame)
         elif frame.kind == Kind.READY:
             self._ready(worker, frame.meta)
         elif frame.kind == Kind.TOKENS and frame.tensor is not None:

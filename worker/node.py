@@ -23,6 +23,7 @@ import torch
 
 from meshpipe import dirs
 from meshpipe.identity import load_or_create_identity
+from meshpipe.latency import LinkLatency
 from meshpipe.models.catalog import installed, resolve
 from meshpipe.models.config import ModelConfig
 from meshpipe.quic import Dialer, MeshConnection, bound_port, listen
@@ -106,6 +107,7 @@ class WorkerNode:
         self.plan_id = 0
         self.assignment: dict[str, Any] = {}
         self.assign_lock = asyncio.Lock()
+        self.next_latency = LinkLatency()
         self.graphs: DecodeGraphs | None = None
         self._pinned: torch.Tensor | None = None
         self.relay: RelayLink | None = None
@@ -181,8 +183,11 @@ class WorkerNode:
                 "steps": self.steps,
                 "step_seconds": self.step_seconds,
                 "queued": self.batches.qsize(),
+                "next_rtt": self.next_latency.rtt if self.next_stage is not None else None,
             }
             self.gateway.send(Frame(Kind.STATUS, 0, status))
+            if self.next_stage is not None:
+                self.next_latency.ping(self.next_stage)
             await asyncio.sleep(HEARTBEAT_INTERVAL)
 
     # -- frames ----------------------------------------------------------------------------
@@ -198,6 +203,8 @@ class WorkerNode:
             for slot, request_id in frame.meta.get("slots", []):
                 if self.active_slots.get(slot) == request_id:
                     del self.active_slots[slot]
+        elif frame.kind == Kind.HEARTBEAT and connection is self.next_stage:
+            self.next_latency.on_frame(frame)
         elif frame.kind == Kind.ERROR:
             log.warning("peer error: %s", frame.meta)
 
