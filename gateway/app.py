@@ -19,6 +19,7 @@ from starlette.staticfiles import StaticFiles
 
 from gateway import events as console
 from gateway.errors import APIError, InvalidRequest, MethodNotAllowed, ModelNotFound, NotFound
+from gateway.ledger import Ledger
 from gateway.mesh import Mesh
 from gateway.metrics import Metrics
 from gateway.protocol import ChatCompletionRequest
@@ -45,6 +46,7 @@ class GatewayState:
     metrics: Metrics
     join_token: str
     started: float
+    ledger: Ledger | None = None
 
     @property
     def first(self) -> ServedModel:
@@ -145,6 +147,17 @@ async def status(request: Request) -> Response:
     return JSONResponse(body)
 
 
+async def ledger(request: Request) -> Response:
+    """Totals per worker and the most recent requests of the contribution ledger."""
+    state = _state(request)
+    if state.ledger is None:
+        raise NotFound("this gateway keeps no ledger")
+    limit = request.query_params.get("limit", "20")
+    if not limit.isdigit():
+        raise InvalidRequest("limit: expected a non-negative integer", "limit")
+    return JSONResponse(await state.ledger.summary(int(limit)))
+
+
 async def metrics(request: Request) -> Response:
     return Response(_state(request).metrics.render(), media_type="text/plain; version=0.0.4")
 
@@ -184,6 +197,7 @@ def build_app(state: GatewayState) -> Starlette:
         Route("/metrics", metrics, methods=["GET"]),
         Route("/api/events", console.events, methods=["GET"]),
         Route("/api/models", console.models, methods=["GET"]),
+        Route("/api/ledger", ledger, methods=["GET"]),
     ]
     if WEB_DIR.is_dir():
         routes.append(Mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web"))

@@ -19,6 +19,7 @@ import contextlib
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -142,6 +143,8 @@ class Mesh:
         self.live = False
         self.first_join: float | None = None
         self.events: list[dict[str, Any]] = []
+        # Told of every batch sent and the route it goes through (the contribution ledger).
+        self.on_batch: Callable[[list[WorkerInfo], Frame], None] | None = None
 
     def shortfall(self) -> int:
         """How many more workers this mesh wants (negative: it has standbys)."""
@@ -361,6 +364,8 @@ class Mesh:
 
     def send_batch(self, frame: Frame) -> None:
         frame.meta["plan_id"] = self.plan_id
+        if self.on_batch is not None:
+            self.on_batch(self.route, frame)
         self.route[0].connection.send(frame)
 
     def release(self, slots: list[tuple[int, str]]) -> None:

@@ -12,6 +12,7 @@ import uvicorn
 
 from gateway.app import GatewayState, ServedModel, build_app
 from gateway.engine import Engine, EngineSettings
+from gateway.ledger import Ledger
 from gateway.mesh import Mesh, MeshRouter
 from gateway.metrics import Metrics
 from gateway.service import ChatService
@@ -88,6 +89,9 @@ async def serve(settings: GatewaySettings) -> None:
             settings.relay, GATEWAY_NODE_ID, settings.token, identity, router
         )
     state = GatewayState(models, metrics, settings.token, time.time())
+    state.ledger = ledger = Ledger.open(dirs.data_dir())
+    for model in served:
+        ledger.attach(model.name, model.service.engine, model.mesh)
     server = uvicorn.Server(
         uvicorn.Config(
             build_app(state),
@@ -114,3 +118,4 @@ async def serve(settings: GatewaySettings) -> None:
         quic.close()
         if relay is not None:
             relay.close()
+        ledger.close()
