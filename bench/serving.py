@@ -395,43 +395,62 @@ def hf_generate(
     return result
 
 
-def hf_anchor(
-    model_dir: Path, prompts: list[Prompt], output_tokens: int, threads: int
-) -> dict[str, Any]:
-    """transformers greedy generate on the same weights, one prompt after the other."""
-    import torch
-    from transformers import AutoModelForCausalLM
+class HFAnchor:
+    """transformers greedy generate on the same weights, batch 1, one prompt after the other.
 
-    from meshpipe.models.config import ModelConfig
+    Measured in rounds, one before the sweep and one after it, so that a machine whose load
+    drifts during the run (a shared one) shows it as a spread between the rounds."""
 
-    if threads:
-        torch.set_num_threads(threads)
-    eos = list(ModelConfig.from_dir(model_dir).eos_token_ids)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    hf_generate(model, prompts[0].ids, 4, eos)  # warm-up: first-call allocations
-    results = [hf_generate(model, prompt.ids, output_tokens, eos) for prompt in prompts]
-    return _anchor_summary(results, torch.get_num_threads(), torch.__version__)
+    def __init__(self, model_dir: Path, output_tokens: int, threads: int) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from meshpipe.models.config import ModelConfig
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.eos = list(ModelConfig.from_dir(model_dir).eos_token_ids)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.output_tokens = output_tokens
+        self.rounds: list[list[RequestResult]] = []
+
+    def measure(self, prompts: list[Prompt]) -> None:
+        if not prompts:
+            return
+        if not self.rounds:
+            hf_generate(self.model, prompts[0].ids, 4, self.eos)  # warm-up: first-call allocations
+        print(f"transformers anchor: {len(prompts)} requests", flush=True)
+        self.rounds.append(
+            [hf_generate(self.model, p.ids, self.output_tokens, self.eos) for p in prompts]
+        )
+
+    def summary(self) -> dict[str, Any]:
+        import torch
+        import transformers
+
+        results = [result for batch in self.rounds for result in batch]
+        return _anchor_figures(results) | {
+            "kind": "hf",
+            "what": "transformers generate, greedy, batch 1, sequential, float32",
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "tok_s_per_round": [_anchor_figures(batch)["tok_s"] for batch in self.rounds],
+        }
 
 
-def _anchor_summary(results: list[RequestResult], threads: int, version: str) -> dict[str, Any]:
-    import transformers
-
+def _anchor_figures(results: list[RequestResult]) -> dict[str, Any]:
     tokens = sum(r.completion_tokens for r in results)
     seconds = sum(r.latency for r in results)
     decode = [(r.completion_tokens - 1, r.latency - r.ttft) for r in results]
     return {
-        "kind": "hf",
-        "what": "transformers generate, greedy, batch 1, sequential, float32",
-        "transformers": transformers.__version__,
-        "torch": version,
-        "torch_threads": threads,
         "requests": len(results),
         "output_tokens": tokens,
+        "output_tokens_mean": round(tokens / len(results), 2),
         "tok_s": round(tokens / seconds, 2),
         "decode_tok_s": round(sum(n for n, _ in decode) / sum(s for _, s in decode), 2),
         "ttft_ms": _percentiles([r.ttft for r in results]),
         "itl_ms": _percentiles([gap for r in results for gap in r.itl]),
-        "output_tokens_mean": round(tokens / len(results), 2),
     }
 
 
@@ -562,27 +581,26 @@ def _now() -> str:
 
 
 def run(settings: BenchSettings) -> dict[str, Any]:
-    """The whole benchmark: the cluster (if asked), the sweep, the anchor; returns the report."""
+    """The whole benchmark: the cluster (if asked), the sweep between two anchor rounds."""
     started_at, host = _now(), machine()
     spec = settings.model if settings.start_cluster else None
     with _cluster_or_url(settings, spec) as url:
         server = server_info(url, None if settings.start_cluster else settings.model)
         model_dir = resolve_model_dir(settings.model_dir or spec or server["model"])
         prompts = build_prompts(model_dir, settings.requests, settings.prompt_tokens, settings.seed)
+        anchor = _anchor(settings, model_dir)
+        anchor_prompts = prompts[: settings.anchor_requests]
+        half = len(anchor_prompts) // 2
+        if anchor:
+            anchor.measure(anchor_prompts[:half])
         print(f"benchmarking {server['model']!r} at {url} ({len(server['stages'])} stages)")
         levels = asyncio.run(sweep(settings, url, server["model"], prompts))
         server["stages_after"] = server_info(url, server["model"])["stages"]
     if server["stages_after"] != server["stages"]:
         print("warning: the pipeline changed during the run (see stages_after)", file=sys.stderr)
-    anchor = None
-    if settings.anchor == "hf":
-        if model_dir is None:
-            raise SystemExit("error: --anchor hf needs the model locally (--model-dir)")
-        print("running the transformers anchor", flush=True)
-        anchor_prompts = prompts[: settings.anchor_requests]
-        anchor = hf_anchor(
-            model_dir, anchor_prompts, settings.output_tokens, settings.anchor_threads
-        )
+    if anchor:
+        anchor.measure(anchor_prompts[half:])
+    summary = anchor.summary() if anchor else None
     server |= {"model_dir": str(model_dir) if model_dir else None}
     server |= {"started_cluster": settings.start_cluster}
     return {
@@ -596,9 +614,17 @@ def run(settings: BenchSettings) -> dict[str, Any]:
         "argv": sys.argv,
         "settings": _settings_json(settings),
         "levels": levels,
-        "anchor": anchor,
-        "ratios": ratios(levels, anchor),
+        "anchor": summary,
+        "ratios": ratios(levels, summary),
     }
+
+
+def _anchor(settings: BenchSettings, model_dir: Path | None) -> HFAnchor | None:
+    if settings.anchor != "hf":
+        return None
+    if model_dir is None:
+        raise SystemExit("error: --anchor hf needs the model locally (--model-dir)")
+    return HFAnchor(model_dir, settings.output_tokens, settings.anchor_threads)
 
 
 def _settings_json(settings: BenchSettings) -> dict[str, Any]:
@@ -652,7 +678,8 @@ def anchor_lines(report: dict[str, Any]) -> list[str]:
     return [
         f"anchor: {anchor['what']}, {anchor['torch_threads']} torch threads: "
         f"{anchor['tok_s']:.1f} tok/s ({anchor['decode_tok_s']:.1f} decode tok/s), "
-        f"TTFT p50 {_ms(anchor['ttft_ms'], 'p50')} ms, ITL p50 {_ms(anchor['itl_ms'], 'p50')} ms",
+        f"TTFT p50 {_ms(anchor['ttft_ms'], 'p50')} ms, ITL p50 {_ms(anchor['itl_ms'], 'p50')} ms; "
+        f"tok/s before and after the sweep: {anchor['tok_s_per_round']}",
         f"single stream / HF: {found.get('single_stream_over_hf', '-')} (output tok/s), "
         f"{found.get('single_stream_decode_over_hf', '-')} (decode tok/s)",
     ]

@@ -15,7 +15,7 @@ from typing import Any
 
 from meshpipe.identity import certificate_fingerprint
 from meshpipe.quic import Dialer, FrameHandler, JoinRefused, MeshConnection
-from meshpipe.relay_link import RelayLink, RelayUnavailable
+from meshpipe.relay_link import RelayLink
 
 log = logging.getLogger(__name__)
 
@@ -63,23 +63,21 @@ async def dial(
     node: dict[str, Any],
     relay_only: bool = False,
 ) -> MeshConnection:
-    """Connect to `hop` and prove the join token: directly unless the hop or we are relay-only,
-    else (or when the direct handshake fails) through our relay."""
+    """Connect to `hop` and prove the join token: without a relay, directly; with one, directly
+    unless the hop or we are relay-only, and through the relay when the direct handshake fails."""
+    if relay is None:
+        connection = await dialer.dial(hop.host, hop.port, handler, node)
+        pin(connection, hop)
+        return connection
     connection = None
-    if hop.direct and not (relay_only and relay is not None):
+    if hop.direct and not relay_only:
         try:
             connection = await asyncio.wait_for(
                 dialer.dial(hop.host, hop.port, handler, node), DIRECT_TIMEOUT
             )
         except (TimeoutError, OSError, ConnectionError) as error:
-            if relay is None:
-                raise
-            log.info(
-                "no direct path to %s (%s): trying relay %s", hop.node_id, error, relay.address
-            )
+            log.info("no direct path to %s (%s): via %s", hop.node_id, error, relay.address)
     if connection is None:
-        if relay is None:
-            raise RelayUnavailable(f"{hop.node_id} takes relayed connections only; use --relay")
         connection = await relay.dial(hop.node_id, handler, node)
     pin(connection, hop)
     return connection

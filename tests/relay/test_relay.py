@@ -12,7 +12,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from meshpipe.identity import load_or_create_identity
-from meshpipe.quic import MeshConnection
+from meshpipe.quic import Dialer, JoinRefused, MeshConnection
+from meshpipe.reach import Hop, dial
 from meshpipe.relay_link import RelayLink, RelayRefused, RelayUnavailable, link_kind
 from meshpipe.relay_wire import (
     HELLO_SIZE,
@@ -233,6 +234,28 @@ def test_quic_connection_through_the_relay(relay: RelayProcess, home: Path) -> N
     peers = {peer["node_id"]: peer for peer in relay.status()["peers"]}
     assert peers["dialer"]["links"] == ["listener"]
     assert peers["dialer"]["bytes_in"] > 64 * 576 * 4 and peers["listener"]["bytes_in"] > 0
+
+
+def test_dial_refuses_a_certificate_other_than_the_announced_one(
+    relay: RelayProcess, home: Path
+) -> None:
+    """A relay (or anyone) standing in for a node cannot pass the gateway's certificate pin."""
+
+    async def scenario() -> None:
+        server = await open_link(relay.port, "genuine", home, accept=Echo())
+        client = await open_link(relay.port, "dialer", home, accept=None)
+        dialer = Dialer(client.identity, TOKEN)
+        genuine = load_or_create_identity(home / "relay-test", "genuine").fingerprint()
+        hop = Hop("genuine", "127.0.0.1", 9, fingerprint=genuine, direct=False)
+        node = {"node_id": "dialer"}
+        assert link_kind(await dial(dialer, client, hop, Echo(), node)) == "relayed"
+        impostor = replace(hop, fingerprint="00" * 32)
+        with pytest.raises(JoinRefused, match="certificate other than the announced one"):
+            await dial(dialer, client, impostor, Echo(), node)
+        client.close()
+        server.close()
+
+    asyncio.run(scenario())
 
 
 # -- limits ---------------------------------------------------------------------------------
