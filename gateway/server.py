@@ -17,7 +17,7 @@ from gateway.mesh import Mesh, MeshRouter
 from gateway.metrics import Metrics
 from gateway.service import ChatService
 from gateway.text import ChatFormat
-from meshpipe import dirs
+from meshpipe import dirs, discovery
 from meshpipe.identity import load_or_create_identity
 from meshpipe.models.catalog import resolve
 from meshpipe.models.config import ModelConfig
@@ -45,6 +45,8 @@ class GatewaySettings:
     max_batch_tokens: int = 256
     max_waiting: int = 64
     max_in_flight: int = 0
+    # None: announce on the LAN (mDNS) when the mesh endpoint is not on loopback.
+    announce: bool | None = None
     # Register with this relay (HOST, PORT), so workers that cannot reach us directly can.
     relay: tuple[str, int] | None = None
 
@@ -92,6 +94,7 @@ async def serve(settings: GatewaySettings) -> None:
     state.ledger = ledger = Ledger.open(dirs.data_dir())
     for model in served:
         ledger.attach(model.name, model.service.engine, model.mesh)
+    announcement = await announce(settings, identity.fingerprint(), bound_port(quic))
     server = uvicorn.Server(
         uvicorn.Config(
             build_app(state),
@@ -118,4 +121,21 @@ async def serve(settings: GatewaySettings) -> None:
         quic.close()
         if relay is not None:
             relay.close()
+        if announcement is not None:
+            await announcement.close()
         ledger.close()
+
+
+async def announce(
+    settings: GatewaySettings, fingerprint: str, port: int
+) -> discovery.Announcement | None:
+    """Announce the mesh endpoint on the LAN when asked, or when it is not on loopback."""
+    if not discovery.should_announce(settings.mesh_host, settings.announce):
+        return None
+    try:
+        found = await discovery.announce(settings.mesh_host, port, fingerprint, settings.token)
+    except discovery.DiscoveryError as error:
+        print(f"warning: LAN discovery is off: {error}", flush=True)
+        return None
+    print(f"announced on the LAN as {found.name} (certificate sha256 {fingerprint})", flush=True)
+    return found

@@ -40,16 +40,27 @@ def _add_gateway(sub: argparse._SubParsersAction) -> None:
         "--max-in-flight", type=int, default=0, help="micro-batches in the pipeline (0: stages)"
     )
     p.add_argument("--token", default=None, help=f"join token (default: ${TOKEN_ENV} or kept)")
+    p.add_argument(
+        "--announce",
+        action=argparse.BooleanOptionalAction,
+        help="announce on the LAN with mDNS (default: when --mesh-host is not loopback)",
+    )
     p.add_argument("--relay", type=_host_port, help="register with this relay (HOST:PORT)")
 
 
 def _add_worker(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("worker", help="run one pipeline stage")
-    p.add_argument("--gateway", type=_host_port, default=("127.0.0.1", 9338))
+    p.add_argument(
+        "--gateway", type=_host_port, help="the gateway's mesh endpoint (default: find it by mDNS)"
+    )
+    p.add_argument("--discover-timeout", type=float, default=10.0, help="seconds to look for it")
     p.add_argument("--join", default=None, help=f"the mesh's join token (or ${TOKEN_ENV})")
     p.add_argument("--device", choices=["cpu", "cuda", "mps"], default="cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    p.add_argument("--host", default="127.0.0.1", help="address the previous stage dials")
+    p.add_argument(
+        "--host",
+        help="address the previous stage dials (default: this machine's, towards the gateway)",
+    )
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--id", default="", help="node id (default: random)")
@@ -169,22 +180,26 @@ def run_gateway(args: argparse.Namespace) -> None:
         max_batch_tokens=args.max_batch_tokens,
         max_waiting=args.max_waiting,
         max_in_flight=args.max_in_flight,
+        announce=args.announce,
         relay=args.relay,
     )
     asyncio.run(serve(settings))
 
 
 def run_worker(args: argparse.Namespace) -> None:
+    from meshpipe.discovery import local_address_towards
     from worker.node import WorkerNode, WorkerSettings, check_device
 
     check_device(args.device)
+    token = _token(args.join, create=False)
+    gateway = args.gateway or _discover(token, args.discover_timeout)
     settings = WorkerSettings(
-        gateway_host=args.gateway[0],
-        gateway_port=args.gateway[1],
-        token=_token(args.join, create=False),
+        gateway_host=gateway[0],
+        gateway_port=gateway[1],
+        token=token,
         device=args.device,
         dtype=args.dtype,
-        host=args.host,
+        host=args.host or local_address_towards(gateway[0]),
         port=args.port,
         threads=args.threads,
         node_id=args.id,
@@ -202,6 +217,19 @@ def run_worker(args: argparse.Namespace) -> None:
         asyncio.run(WorkerNode(settings).run())
     except RelayRefused as error:
         raise SystemExit(f"error: the relay refused this worker: {error}") from None
+
+
+def _discover(token: str, wait_seconds: float) -> tuple[str, int]:
+    """The mesh endpoint of the gateway of this token's mesh, found on the LAN (mDNS)."""
+    from meshpipe.discovery import DiscoveryError, find_gateway
+
+    print(f"looking for the gateway on the local network (up to {wait_seconds:g}s)", flush=True)
+    try:
+        found = asyncio.run(find_gateway(token, wait_seconds))
+    except DiscoveryError as error:
+        raise SystemExit(f"error: {error}") from None
+    print(f"found {found.name} at {found.host}:{found.port} (sha256 {found.fingerprint})")
+    return found.host, found.port
 
 
 def run_models(args: argparse.Namespace) -> None:
