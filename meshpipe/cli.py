@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 
+from meshpipe import operator
 from meshpipe.models.catalog import ModelError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -146,6 +147,7 @@ def parser() -> argparse.ArgumentParser:
     _add_models(sub)
     _add_bench(sub)
     _add_relay(sub)
+    operator.add_parsers(sub)
     return root
 
 
@@ -313,6 +315,7 @@ COMMANDS = {
     "auto": run_auto,
     "bench": run_bench,
     "relay": run_relay,
+    **operator.COMMANDS,
 }
 
 
