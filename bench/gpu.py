@@ -127,6 +127,19 @@ def letter_prompts(count: int, length: int, seed: int) -> list[Prompt]:
     return [Prompt("".join(rng.choice(alphabet) for _ in range(length))) for _ in range(count)]
 
 
+def stage_steps(url: str) -> dict[str, float]:
+    """Mean compute time of a micro-batch on each stage, from the gateway's metrics: what is
+    left of the inter-token latency after them is transport, scheduling and HTTP."""
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        for suffix, table in (("_sum", sums), ("_count", counts)):
+            if line.startswith(f"meshpipe_stage_step_seconds{suffix}{{"):
+                stage = line.split('stage="')[1].split('"')[0]
+                table[stage] = float(line.rsplit(" ", 1)[1])
+    return {stage: round(1000 * sums[stage] / counts[stage], 3) for stage in sums if counts[stage]}
+
+
 def serve_figures(url: str, model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
     short = letter_prompts(64, 32, seed=1)
@@ -137,6 +150,7 @@ def serve_figures(url: str, model_dir: Path, args: argparse.Namespace) -> dict[s
         "concurrent_16": asyncio.run(level(url, model, short[:16], 16, args.tokens)),
         "concurrent_64": asyncio.run(level(url, model, short[:64], 64, args.tokens)),
     }
+    figures["stage_step_ms"] = stage_steps(url)
     long = letter_prompts(3, 1024 - 12, seed=2)  # the chat template adds about 12
     ttfts = [asyncio.run(level(url, model, [p], 1, 1))["ttft_ms"]["p50"] for p in long]
     figures["ttft_1024_ms"] = {"runs": ttfts, "median": statistics.median(ttfts)}

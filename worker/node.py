@@ -13,7 +13,6 @@ import concurrent.futures
 import contextlib
 import logging
 import os
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -38,7 +37,6 @@ from worker.sampling import sample
 log = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL = 0.25
-SWITCH_INTERVAL = 0.0002
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SEND_WINDOW_BYTES = 64 << 20
 
@@ -115,9 +113,6 @@ class WorkerNode:
     # -- life ------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        # The compute thread and the event loop share the GIL; the default 5 ms switch interval
-        # would let a forward pass's Python code hold back QUIC I/O (and vice versa) that long.
-        sys.setswitchinterval(SWITCH_INTERVAL)
         server = await listen(
             self.settings.host, self.settings.port, self.identity, self, self.settings.token
         )
