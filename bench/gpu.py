@@ -127,17 +127,29 @@ def letter_prompts(count: int, length: int, seed: int) -> list[Prompt]:
     return [Prompt("".join(rng.choice(alphabet) for _ in range(length))) for _ in range(count)]
 
 
-def stage_steps(url: str) -> dict[str, float]:
-    """Mean compute time of a micro-batch on each stage, from the gateway's metrics: what is
-    left of the inter-token latency after them is transport, scheduling and HTTP."""
-    sums: dict[str, float] = {}
-    counts: dict[str, float] = {}
+def stage_totals(url: str) -> dict[str, tuple[float, float]]:
+    """Per stage: (seconds of compute, micro-batches) so far, from the gateway's metrics."""
+    totals: dict[str, list[float]] = {}
     for line in httpx.get(f"{url}/metrics").text.splitlines():
-        for suffix, table in (("_sum", sums), ("_count", counts)):
+        for index, suffix in enumerate(("_sum", "_count")):
             if line.startswith(f"meshpipe_stage_step_seconds{suffix}{{"):
                 stage = line.split('stage="')[1].split('"')[0]
-                table[stage] = float(line.rsplit(" ", 1)[1])
-    return {stage: round(1000 * sums[stage] / counts[stage], 3) for stage in sums if counts[stage]}
+                totals.setdefault(stage, [0.0, 0.0])[index] = float(line.rsplit(" ", 1)[1])
+    return {stage: (value[0], value[1]) for stage, value in totals.items()}
+
+
+def measured(url: str, model: str, prompts: list[Prompt], concurrency: int, tokens: int) -> dict:
+    """A level's figures, with the mean compute time of a micro-batch on each stage: what is
+    left of the inter-token latency after them is transport, scheduling and HTTP."""
+    before = stage_totals(url)
+    figures = asyncio.run(level(url, model, prompts, concurrency, tokens))
+    after = stage_totals(url)
+    figures["stage_step_ms"] = {
+        stage: round(1000 * (seconds - before.get(stage, (0, 0))[0]) / batches, 3)
+        for stage, (seconds, count) in after.items()
+        if (batches := count - before.get(stage, (0, 0))[1])
+    }
+    return figures
 
 
 def serve_figures(url: str, model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -146,11 +158,10 @@ def serve_figures(url: str, model_dir: Path, args: argparse.Namespace) -> dict[s
     for concurrency in (1, 16, 64):  # warm-up: captures the CUDA graphs of each batch size
         asyncio.run(level(url, model, short[:concurrency], concurrency, 8))
     figures = {
-        "single_stream": asyncio.run(level(url, model, short[:1], 1, args.single_tokens)),
-        "concurrent_16": asyncio.run(level(url, model, short[:16], 16, args.tokens)),
-        "concurrent_64": asyncio.run(level(url, model, short[:64], 64, args.tokens)),
+        "single_stream": measured(url, model, short[:1], 1, args.single_tokens),
+        "concurrent_16": measured(url, model, short[:16], 16, args.tokens),
+        "concurrent_64": measured(url, model, short[:64], 64, args.tokens),
     }
-    figures["stage_step_ms"] = stage_steps(url)
     long = letter_prompts(3, 1024 - 12, seed=2)  # the chat template adds about 12
     ttfts = [asyncio.run(level(url, model, [p], 1, 1))["ttft_ms"]["p50"] for p in long]
     figures["ttft_1024_ms"] = {"runs": ttfts, "median": statistics.median(ttfts)}
