@@ -86,10 +86,16 @@ def _worker_cells(worker: dict[str, Any]) -> list[str]:
         _milliseconds(worker.get("rtt")),
         _milliseconds(worker.get("next_rtt")),
         _age(worker.get("last_seen")),
-        worker.get("link", "direct"),
+        _link(worker),
         str(worker.get("active_slots", 0)),
         str(worker.get("steps", 0)),
     ]
+
+
+def _link(worker: dict[str, Any]) -> str:
+    """How the stage's incoming link is carried, and through which relay."""
+    link = worker.get("link", "direct")
+    return f"{link} via {worker['relay']}" if link == "relayed" and worker.get("relay") else link
 
 
 def render_status(status: dict[str, Any]) -> Group:
