@@ -33,7 +33,9 @@ from meshpipe.wire import Frame, Kind
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_TIMEOUT = 1.0
+# Workers report every 0.25 s: 1.5 s of silence is six missed reports (a SIGKILL is noticed in
+# under 2 s), yet a worker starved of CPU on a loaded machine is not declared dead.
+HEARTBEAT_TIMEOUT = 1.5
 MONITOR_INTERVAL = 0.2
 # How long to wait for the planned number of workers before planning over fewer.
 JOIN_GRACE_SECONDS = 5.0
