@@ -536,6 +536,8 @@ def report(settings: Settings, results: dict[str, Any], command: str) -> dict[st
         "machine": {
             "hostname": socket.gethostname(),
             "cpus": os.cpu_count(),
+            # The machine is shared: its load when the run ended (1, 5, 15 min averages).
+            "load_average": [round(value, 2) for value in os.getloadavg()],
             "python": platform.python_version(),
             "aioquic": aioquic.__version__,
             "torch": torch.__version__,
@@ -747,8 +749,11 @@ def override_link(args: argparse.Namespace) -> None:
 
 def invoked_as(argv: list[str]) -> str:
     """The command line as the user typed it (`meshpipe bench transport ...` or the module)."""
-    if Path(sys.argv[0]).name == "meshpipe":
+    entry = Path(sys.argv[0])
+    if entry.name == "meshpipe":
         return shlex.join(["meshpipe", "bench", "transport", *argv])
+    if entry.parent.name == "meshpipe" and entry.name == "__main__.py":
+        return shlex.join(["python", "-m", "meshpipe", "bench", "transport", *argv])
     return shlex.join(["python", "-m", "bench.transport", *argv])
 
 
