@@ -20,6 +20,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aioquic.asyncio.server import QuicServer
@@ -84,6 +85,20 @@ def relayed_node(connection: MeshConnection) -> str | None:
 def link_kind(connection: MeshConnection | None) -> str:
     """'relayed' or 'direct', as /api/status shows it."""
     return "relayed" if connection is not None and relayed_node(connection) else "direct"
+
+
+def _sized_by_link(accept: FrameHandler, token: str) -> Callable[..., MeshConnection]:
+    """Accepted connections keep the datagram size the link chose (the relay's path less the
+    envelope): a listener otherwise sizes packets from its peer's address, and a made-up
+    relayed address says nothing of the path."""
+    create = connection_factory(accept, token)
+
+    def sized(*args: Any, **kwargs: Any) -> MeshConnection:
+        connection = create(*args, **kwargs)
+        connection._path_known = True
+        return connection
+
+    return sized
 
 
 class Channel(asyncio.DatagramTransport):
@@ -160,7 +175,7 @@ class RelayLink(asyncio.DatagramProtocol):
         if accept is not None:
             config = configuration(False, identity, link.datagram_size)
             link.server = QuicServer(
-                configuration=config, create_protocol=connection_factory(accept, token)
+                configuration=config, create_protocol=_sized_by_link(accept, token)
             )
             link.server.connection_made(Channel(link, Kind.TO_CLIENT))
         link._task = loop.create_task(link._maintain())

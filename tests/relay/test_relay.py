@@ -223,6 +223,12 @@ def test_quic_connection_through_the_relay(relay: RelayProcess, home: Path) -> N
         assert link_kind(connection) == "relayed"
         tensor = torch.randn(64, 576)  # a prefill-sized hidden state: many datagrams
         assert torch.equal(await echo(connection, handler, tensor), tensor)
+        # Both ends size packets for the relay's path less the envelope, never for the made-up
+        # address of the peer.
+        assert server.server is not None
+        (accepted,) = set(server.server._protocols.values())
+        assert accepted._quic._max_datagram_size == server.datagram_size
+        assert connection._quic._max_datagram_size == client.datagram_size
         started = time.monotonic()
         with pytest.raises(RelayUnavailable):
             await client.dial("not-registered", handler, {"node_id": "dialer"})
