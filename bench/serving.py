@@ -60,7 +60,7 @@ class BenchSettings:
     slots: int
     anchor: str | None
     anchor_requests: int
-    anchor_threads: int
+    anchor_threads: tuple[int, ...]
     warmup: int
     timeout: float
     command: str
@@ -89,12 +89,12 @@ class RequestResult:
     itl: list[float] = field(default_factory=list)
 
 
-def _concurrency(value: str) -> tuple[int, ...]:
+def _counts(value: str) -> tuple[int, ...]:
     try:
         levels = tuple(int(part) for part in value.split(",") if part.strip())
     except ValueError:
         levels = ()
-    if not levels or min(levels) < 1:
+    if not levels or min(levels) < 0:
         raise argparse.ArgumentTypeError(f"expected N or a list like 1,4,16; got {value!r}")
     return levels
 
@@ -104,7 +104,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default=DEFAULT_URL, help="the gateway (ignored with --start-cluster)")
     p.add_argument("--model", default=None, help="model to ask for (default: first of /v1/models)")
     p.add_argument("--model-dir", default=None, help="local model dir or catalog name (tokenizer)")
-    p.add_argument("--concurrency", type=_concurrency, default=(1,), help="N or a sweep: 1,4,16")
+    p.add_argument("--concurrency", type=_counts, default=(1,), help="N or a sweep: 1,4,16")
     p.add_argument("--requests", type=int, default=16, help="requests per concurrency level")
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--output-tokens", type=int, default=32, help="max_tokens of every request")
@@ -115,8 +115,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", type=int, default=2, help="stages of the started cluster")
     p.add_argument("--slots", type=int, default=0, help="slots of the started cluster (0: auto)")
     p.add_argument("--anchor", choices=["hf"], default=None, help="also run transformers")
-    p.add_argument("--anchor-requests", type=int, default=8, help="prompts the anchor generates")
-    p.add_argument("--anchor-threads", type=int, default=0, help="torch threads (0: default)")
+    p.add_argument("--anchor-requests", type=int, default=6, help="prompts the anchor generates")
+    p.add_argument(
+        "--anchor-threads", type=_counts, default=(1, 0), help="torch threads to try (0: default)"
+    )
     p.add_argument("--warmup", type=int, default=1, help="uncounted requests before the sweep")
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
     return p
@@ -124,7 +126,10 @@ def parser() -> argparse.ArgumentParser:
 
 def settings_from(argv: list[str]) -> BenchSettings:
     """Settings from `meshpipe bench serving` arguments (option names are the field names)."""
-    args = vars(parser().parse_args(argv))
+    cli = parser()
+    args = vars(cli.parse_args(argv))
+    if min(args["concurrency"]) < 1:
+        cli.error("--concurrency must be at least 1")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     return BenchSettings(
         **args
@@ -398,44 +403,58 @@ def hf_generate(
 class HFAnchor:
     """transformers greedy generate on the same weights, batch 1, one prompt after the other.
 
-    Measured in rounds, one before the sweep and one after it, so that a machine whose load
-    drifts during the run (a shared one) shows it as a spread between the rounds."""
+    Measured in rounds, one before the sweep and one after it, so that load drifting during the
+    run (a shared machine) shows as a spread between them; each round tries every torch thread
+    count asked for, and the fastest is the anchor: the ratios are against transformers at its
+    best here, not at a setting that collapses when the cores are oversubscribed."""
 
-    def __init__(self, model_dir: Path, output_tokens: int, threads: int) -> None:
+    def __init__(self, model_dir: Path, output_tokens: int, threads: tuple[int, ...]) -> None:
         import torch
         from transformers import AutoModelForCausalLM
 
         from meshpipe.models.config import ModelConfig
 
-        if threads:
-            torch.set_num_threads(threads)
+        self.threads = tuple(dict.fromkeys(count or torch.get_num_threads() for count in threads))
         self.eos = list(ModelConfig.from_dir(model_dir).eos_token_ids)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         self.output_tokens = output_tokens
-        self.rounds: list[list[RequestResult]] = []
+        self.rounds: dict[int, list[list[RequestResult]]] = {count: [] for count in self.threads}
 
     def measure(self, prompts: list[Prompt]) -> None:
-        if not prompts:
-            return
-        if not self.rounds:
-            hf_generate(self.model, prompts[0].ids, 4, self.eos)  # warm-up: first-call allocations
-        print(f"transformers anchor: {len(prompts)} requests", flush=True)
-        self.rounds.append(
-            [hf_generate(self.model, p.ids, self.output_tokens, self.eos) for p in prompts]
-        )
+        import torch
+
+        previous = torch.get_num_threads()  # a process-wide setting: give it back afterwards
+        try:
+            for count in self.threads if prompts else ():
+                torch.set_num_threads(count)
+                self._round(count, prompts)
+        finally:
+            torch.set_num_threads(previous)
+
+    def _round(self, count: int, prompts: list[Prompt]) -> None:
+        if not self.rounds[count]:
+            hf_generate(self.model, prompts[0].ids, 4, self.eos)  # warm-up
+        print(f"transformers anchor: {len(prompts)} requests, {count} threads", flush=True)
+        results = [hf_generate(self.model, p.ids, self.output_tokens, self.eos) for p in prompts]
+        self.rounds[count].append(results)
 
     def summary(self) -> dict[str, Any]:
         import torch
         import transformers
 
-        results = [result for batch in self.rounds for result in batch]
-        return _anchor_figures(results) | {
+        by_threads = {
+            count: _anchor_figures([result for batch in rounds for result in batch])
+            | {"tok_s_per_round": [_anchor_figures(batch)["tok_s"] for batch in rounds]}
+            for count, rounds in self.rounds.items()
+        }
+        best = max(by_threads, key=lambda count: by_threads[count]["tok_s"])
+        return by_threads[best] | {
             "kind": "hf",
             "what": "transformers generate, greedy, batch 1, sequential, float32",
             "transformers": transformers.__version__,
             "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "tok_s_per_round": [_anchor_figures(batch)["tok_s"] for batch in self.rounds],
+            "torch_threads": best,
+            "by_threads": {str(count): figures for count, figures in by_threads.items()},
         }
 
 
@@ -675,11 +694,15 @@ def anchor_lines(report: dict[str, Any]) -> list[str]:
     anchor, found = report["anchor"], report["ratios"]
     if not anchor:
         return []
+    tried = ", ".join(
+        f"{count} threads {figures['tok_s']:.1f} tok/s (rounds {figures['tok_s_per_round']})"
+        for count, figures in anchor["by_threads"].items()
+    )
     return [
-        f"anchor: {anchor['what']}, {anchor['torch_threads']} torch threads: "
-        f"{anchor['tok_s']:.1f} tok/s ({anchor['decode_tok_s']:.1f} decode tok/s), "
-        f"TTFT p50 {_ms(anchor['ttft_ms'], 'p50')} ms, ITL p50 {_ms(anchor['itl_ms'], 'p50')} ms; "
-        f"tok/s before and after the sweep: {anchor['tok_s_per_round']}",
+        f"anchor: {anchor['what']}: {tried}",
+        f"anchor at its best ({anchor['torch_threads']} threads): {anchor['tok_s']:.1f} tok/s, "
+        f"{anchor['decode_tok_s']:.1f} decode tok/s, TTFT p50 {_ms(anchor['ttft_ms'], 'p50')} ms, "
+        f"ITL p50 {_ms(anchor['itl_ms'], 'p50')} ms",
         f"single stream / HF: {found.get('single_stream_over_hf', '-')} (output tok/s), "
         f"{found.get('single_stream_decode_over_hf', '-')} (decode tok/s)",
     ]

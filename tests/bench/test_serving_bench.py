@@ -95,12 +95,14 @@ def test_anchor_hf(cluster: Cluster, default_model: Path, tmp_path: Path) -> Non
         tmp_path,
         *("--url", cluster.url, "--model-dir", str(default_model)),
         *("--concurrency", "1,2", "--requests", "2", "--anchor", "hf", "--anchor-requests", "2"),
+        *("--anchor-threads", "1"),
         *("--prompt-tokens", "48", "--output-tokens", "4"),
     )
     check_levels(report, [1, 2], requests=2, output_tokens=4)
     anchor = report["anchor"]
     assert anchor["kind"] == "hf" and anchor["requests"] == 2
     assert len(anchor["tok_s_per_round"]) == 2  # one round before the sweep, one after
+    assert set(anchor["by_threads"]) == {"1"}
     assert anchor["tok_s"] > 0 and anchor["decode_tok_s"] > 0 and anchor["torch_threads"] >= 1
     ratios = report["ratios"]
     assert ratios["single_stream_over_hf"] > 0 and ratios["single_stream_decode_over_hf"] > 0
