@@ -320,6 +320,11 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        # argparse's REMAINDER drops options that come first: hand the benchmarks their argv.
+        run_bench(argparse.Namespace(arguments=argv[1:]))
+        return
     args = parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
