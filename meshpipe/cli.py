@@ -132,7 +132,7 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "bench", help="benchmarks: `bench serving ...` (default) or `bench transport ...`"
+        "bench", help="benchmarks: `bench serving ...` (default), `bench transport|relay ...`"
     )
     p.add_argument("arguments", nargs=argparse.REMAINDER)
 
@@ -286,6 +286,10 @@ def run_bench(args: argparse.Namespace) -> None:
     arguments = list(args.arguments)
     if arguments[:1] == ["transport"]:
         from bench.transport import main as bench_main
+
+        arguments = arguments[1:]
+    elif arguments[:1] == ["relay"]:
+        from bench.relay import main as bench_main
 
         arguments = arguments[1:]
     else:
