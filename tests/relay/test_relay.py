@@ -176,6 +176,17 @@ def test_peer_without_the_token_is_refused(relay: RelayProcess, home: Path) -> N
     assert status["counters"]["refused"] == 2 and status["counters"]["unregistered"] == 1
 
 
+def test_relay_given_only_the_relay_key() -> None:
+    """A relay run outside the mesh gets the key, not the token: members still register."""
+    relay = start_relay("--token", relay_key(TOKEN))
+    try:
+        assert relay_key(TOKEN) != TOKEN and relay_key(relay_key(TOKEN)) == relay_key(TOKEN)
+        assert BarePeer(relay.port, "member").register(TOKEN).kind == Kind.REGISTERED
+        assert BarePeer(relay.port, "other").register("mp1-other-mesh").kind == Kind.REFUSED
+    finally:
+        relay.process.stop()
+
+
 def test_short_hello_gets_no_answer(relay: RelayProcess) -> None:
     """An unpadded HELLO could be used to reflect larger answers at a spoofed address."""
     peer = BarePeer(relay.port, "short")
