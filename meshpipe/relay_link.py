@@ -73,18 +73,10 @@ def relayed_address(node_id: str) -> tuple[str, int]:
     return (ADDRESS_PREFIX + node_id, 0)
 
 
-def relayed_node(connection: MeshConnection) -> str | None:
-    """The remote node id of a connection carried by a relay, None for a direct one."""
-    transport = connection._transport
-    if not isinstance(transport, Channel):
-        return None
-    paths = connection._quic._network_paths
-    return str(paths[0].addr[0]).removeprefix(ADDRESS_PREFIX) if paths else ""
-
-
 def link_kind(connection: MeshConnection | None) -> str:
-    """'relayed' or 'direct', as /api/status shows it."""
-    return "relayed" if connection is not None and relayed_node(connection) else "direct"
+    """'relayed' for a connection carried by a relay, else 'direct', as /api/status shows it."""
+    relayed = connection is not None and isinstance(connection._transport, Channel)
+    return "relayed" if relayed else "direct"
 
 
 def _sized_by_link(accept: FrameHandler, token: str) -> Callable[..., MeshConnection]:
@@ -186,17 +178,6 @@ class RelayLink(asyncio.DatagramProtocol):
     @property
     def address(self) -> str:
         return f"{self.relay[0]}:{self.relay[1]}"
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "address": self.address,
-            "node_id": self.node_id,
-            "registered": self.registered.is_set(),
-            "registrations": self.registrations,
-            "connections": sum(not c.closed for c in self.clients.values()),
-            "bytes_sent": self.bytes_sent,
-            "bytes_received": self.bytes_received,
-        }
 
     async def wait_registered(self, within: float) -> None:
         """Until registered; RelayRefused if the relay refused us, RelayUnavailable on timeout."""
