@@ -18,7 +18,7 @@ import sys
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from aioquic.asyncio import QuicConnectionProtocol, connect, serve
 from aioquic.asyncio.server import QuicServer
@@ -186,7 +186,7 @@ class MeshConnection(QuicConnectionProtocol):
         super().__init__(*args, **kwargs)
         self._use_wide_frames_if_needed()
         self._path_known = self._quic._is_client  # a client dialled a host it sized for
-        self._receiving = False
+        self._receiving = self._answered = False
         self.handler = handler
         self.token = token
         self.authenticated = False
@@ -205,7 +205,9 @@ class MeshConnection(QuicConnectionProtocol):
     def send(self, frame: Frame) -> None:
         """Queue a frame on a new stream and transmit."""
         self.queue(frame)
-        if not self._receiving:  # else datagram_received transmits once, after all events
+        if self._receiving:  # datagram_received transmits once, after all events
+            self._answered = True
+        else:
             self.transmit()
 
     def queue(self, frame: Frame) -> None:
@@ -228,6 +230,12 @@ class MeshConnection(QuicConnectionProtocol):
         space = self._quic._spaces.get(Epoch.ONE_RTT)
         if space is not None and space.ack_at is not None:
             space.ack_at = 0.0
+
+    def transmit(self) -> None:
+        """Send what is due now; a transmit scheduled for later has nothing left to do."""
+        if self._transmit_task is not None:
+            self._transmit_task.cancel()
+        super().transmit()
 
     def close(self, error_code: int = 0, reason_phrase: str = "") -> None:
         """Close after sending what is queued: a CONNECTION_CLOSE packet carries nothing else,
@@ -285,11 +293,18 @@ class MeshConnection(QuicConnectionProtocol):
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         if not self._path_known:
             self._fit_datagrams_to(addr[0])
-        self._receiving = True
+        self._receiving, self._answered = True, False
         try:
-            super().datagram_received(data, addr)
+            self._quic.receive_datagram(cast(bytes, data), addr, now=self._loop.time())
+            self._process_events()
         finally:
             self._receiving = False
+        if self._answered:
+            self.transmit()  # answers leave at once, with the ACK
+        else:
+            # Nothing to send yet: a frame that a task sends in this loop turn (the reply a
+            # request awaited) carries the ACK in its packet; else one transmit ends the turn.
+            self._transmit_soon()
         self._drained.set()
 
     def quic_event_received(self, event: QuicEvent) -> None:
