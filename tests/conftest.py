@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -70,7 +71,7 @@ def tiny_model(default_model: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture(scope="session")
-def cluster(default_model: Path) -> Iterator[Cluster]:
+def shared_cluster(default_model: Path) -> Iterator[Cluster]:
     """`meshpipe auto` on the default model, two stages, shared by the API tests."""
     running = start_auto(default_model, 2, "--verbose")
     yield running
@@ -78,3 +79,17 @@ def cluster(default_model: Path) -> Iterator[Cluster]:
     artifacts = Path(__file__).resolve().parent.parent / "artifacts"
     artifacts.mkdir(exist_ok=True)
     (artifacts / "cluster.log").write_text(running.process.output())
+
+
+@pytest.fixture()
+def cluster(shared_cluster: Cluster) -> Cluster:
+    """The shared cluster, once its route is whole again: on a loaded machine a worker may have
+    been judged silent and rejoined, and the gateway re-plans its two stages meanwhile."""
+    deadline = time.monotonic() + 60
+    while True:
+        pipeline = shared_cluster.status()["pipeline"]
+        if pipeline["ready"] and len(pipeline["stages"]) == 2:
+            return shared_cluster
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the shared cluster did not recover: {pipeline}")
+        time.sleep(0.2)

@@ -37,6 +37,8 @@ from worker.sampling import sample
 log = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL = 0.25
+RECONNECT_DELAY = 0.5
+MAX_RECONNECT_DELAY = 5.0
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SEND_WINDOW_BYTES = 64 << 20
 
@@ -100,7 +102,7 @@ class WorkerNode:
         self.active_slots: dict[int, str] = {}
         self.steps = 0
         self.step_seconds = 0.0
-        self.done = asyncio.Event()
+        self.gateway_lost = asyncio.Event()
         self.port = 0
         self.plan_id = 0
         self.assignment: dict[str, Any] = {}
@@ -121,11 +123,9 @@ class WorkerNode:
             self.relay = await RelayLink.open(
                 self.settings.relay, self.node_id, self.settings.token, self.identity, self
             )
-        self.gateway = await self._dial_gateway()
-        self.gateway.send(Frame(Kind.REGISTER, 0, self._description()))
         tasks = [asyncio.create_task(self._compute_loop()), asyncio.create_task(self._heartbeat())]
         try:
-            await self.done.wait()
+            await self._stay_joined()
         finally:
             for task in tasks:
                 task.cancel()
@@ -134,6 +134,26 @@ class WorkerNode:
                 self.relay.close()
             await self.dialer.close()
             self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _stay_joined(self) -> None:
+        """Join the gateway, and join again whenever the link drops (a gateway restart, or a
+        heartbeat judged missed on a loaded machine): the worker is a long-lived resource."""
+        delay = RECONNECT_DELAY
+        while True:
+            try:
+                self.gateway = await self._dial_gateway()
+            except (TimeoutError, ConnectionError, OSError) as error:
+                log.warning("gateway unreachable (%s); retrying in %.0fs", error, delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, MAX_RECONNECT_DELAY)
+                continue
+            delay = RECONNECT_DELAY
+            self.gateway_lost.clear()
+            self.gateway.send(Frame(Kind.REGISTER, 0, self._description()))
+            await self.gateway_lost.wait()
+            # Whatever the gateway planned before is void: drop batches of that plan.
+            self.plan_id = 0
+            await asyncio.sleep(RECONNECT_DELAY)
 
     async def _dial_gateway(self) -> MeshConnection:
         """Directly, or through the relay, where the gateway may not have registered yet."""
@@ -171,7 +191,10 @@ class WorkerNode:
 
     async def _heartbeat(self) -> None:
         """Tell the gateway we are alive, with live figures, several times a second."""
-        while self.gateway is not None and not self.gateway.closed:
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+            if self.gateway is None or self.gateway.closed:
+                continue
             status = {
                 "plan_id": self.plan_id,
                 "active_slots": len(self.active_slots),
@@ -183,7 +206,6 @@ class WorkerNode:
             self.gateway.send(Frame(Kind.STATUS, 0, status))
             if self.next_stage is not None:
                 self.next_latency.ping(self.next_stage)
-            await asyncio.sleep(HEARTBEAT_INTERVAL)
 
     # -- frames ----------------------------------------------------------------------------
 
@@ -205,8 +227,8 @@ class WorkerNode:
 
     def on_closed(self, connection: MeshConnection) -> None:
         if connection is self.gateway:
-            log.warning("lost the gateway; stopping")
-            self.done.set()
+            log.warning("lost the gateway; joining again")
+            self.gateway_lost.set()
         elif connection is self.next_stage:
             log.warning("lost the next stage")
             self.next_stage = None

@@ -117,22 +117,26 @@ class ManualMesh:
         self.port, self.mesh_port = free_port(), free_port(socket.SOCK_DGRAM)
         self.token = "mp1-test-token-for-failover"
         self.memory = memory
+        self.model_dir, self.stages = model, stages
         self.env = os.environ | {"MESHPIPE_JOIN_TOKEN": self.token}
+        self.start_gateway()
+        self.workers: list[Process] = []
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start_gateway(self) -> None:
         self.gateway = meshpipe(
             "gateway",
             "--model",
-            str(model),
+            str(self.model_dir),
             "--port",
             str(self.port),
             "--mesh-port",
             str(self.mesh_port),
             "--stages",
-            str(stages),
+            str(self.stages),
             env=self.env,
         )
         self.gateway.wait_for("meshpipe gateway:", 60)
-        self.workers: list[Process] = []
-        self.url = f"http://127.0.0.1:{self.port}"
 
     def add_worker(self, name: str) -> Process:
         worker = meshpipe(
@@ -223,5 +227,25 @@ def test_worker_joining_mid_load_gets_work(default_model: Path) -> None:
         assert [s["layers"] for s in stages] == [[0, 10], [10, 20], [20, 30]]
         assert undisturbed(mesh.url, model) == expected
         assert mesh.status()["stages"][2]["steps"] > 0
+    finally:
+        mesh.stop()
+
+
+def test_workers_join_a_restarted_gateway(tiny_model: Path) -> None:
+    """A gateway restart costs the workers nothing: they join again and serve."""
+    mesh = ManualMesh(tiny_model, 2, 8 << 30)
+    try:
+        mesh.add_worker("alpha")
+        mesh.add_worker("beta")
+        wait_until(lambda: mesh.status()["pipeline"]["ready"], 120)
+        model = mesh.model()
+        before = undisturbed(mesh.url, model)
+        mesh.gateway.stop()
+        time.sleep(1.0)
+        mesh.start_gateway()
+        wait_until(lambda: mesh.status()["pipeline"]["ready"], 60)
+        assert {s["worker_id"] for s in mesh.status()["stages"]} == {"alpha", "beta"}
+        assert all(worker.popen.poll() is None for worker in mesh.workers)
+        assert undisturbed(mesh.url, model) == before
     finally:
         mesh.stop()

@@ -101,7 +101,8 @@ def test_ledger_lists_workers_and_requests(tiny_cluster: Cluster) -> None:
         assert f"{stage['worker_id']} [{start}, {end})" in result.stdout
     as_json = json.loads(run_cli("ledger", "--url", tiny_cluster.url, "--json").stdout)
     assert as_json["recent"][0]["request_id"] == answer["id"]
-    assert {w["worker_id"] for w in as_json["workers"]} == {"worker-0", "worker-1"}
+    # The ledger lives in the data dir, which every cluster of this test session shares.
+    assert {"worker-0", "worker-1"} <= {w["worker_id"] for w in as_json["workers"]}
 
 
 # -- chat ----------------------------------------------------------------------------------------
