@@ -550,7 +550,10 @@ def report(settings: Settings, results: dict[str, Any], command: str) -> dict[st
             "transfer_from_bytes": TRANSFER_FROM,
         },
         **results,
-        "targets": check_targets(results),
+        "targets": {
+            "apply_to": "loopback (the issue's targets; other paths are reported, not judged)",
+            **check_targets(results),
+        },
     }
 
 

@@ -39,9 +39,10 @@ from meshpipe.wire import error_frame as make_error_frame
 
 ALPN = "meshpipe/1"
 # aioquic's cost is per packet, so on-host links (lo's MTU is 65535/65536) use the largest
-# datagram both IP families carry. Measured with `meshpipe bench transport` on a 2-core VM
-# (docs/transport.md): 16 MiB one way at 16000 B about 230 MB/s, at 65000 B about 660 MB/s.
-# 32000 broke links before _write_wide_stream_frame: aioquic's STREAM length field caps at 16383.
+# datagram both IP families carry. Measured with `meshpipe bench transport --datagram-size N`
+# on the 2-core VM (docs/transport.md), 16 MiB one way: 232 MB/s at 16000, 389 at 32000, 662
+# at 65000. 32000 used to break links: aioquic's STREAM length field caps at 16383 (see
+# _write_wide_stream_frame).
 LOOPBACK_DATAGRAM_SIZE = 65000
 # Fits a 1500-byte Ethernet MTU under IPv6 (40) and UDP (8) headers.
 LAN_DATAGRAM_SIZE = 1452
@@ -51,6 +52,8 @@ ON_HOST_MTU = 65535  # `lo`'s MTU: a route this wide never leaves the machine
 LINUX_IP_MTU, LINUX_IPV6_MTU = 14, 24  # getsockopt options Python's socket module lacks
 WINDOW_BYTES = 256 << 20
 STREAM_WINDOW_BYTES = 128 << 20
+# reno and cubic measured alike on loopback (16 and 64 MiB, three alternating runs each, within
+# run-to-run noise; the bottleneck is the receiver's CPU), so aioquic's default stays.
 CONGESTION_CONTROL = "reno"
 # aioquic writes a STREAM frame's length as a 2-byte varint (at most 16383): larger datagrams
 # need the 4-byte field of _write_wide_stream_frame below.
@@ -245,6 +248,9 @@ class MeshConnection(QuicConnectionProtocol):
 
     def buffered_bytes(self) -> int:
         """Bytes queued on this connection that the peer has not acknowledged yet."""
+        # aioquic 1.7: a sender's buffer runs from the first unacknowledged offset (_buffer_start
+        # moves only when the ACKed range reaches it) to the end of what was written, sent or
+        # not; a finished stream leaves _streams at the next packet it would have been in.
         total = 0
         for stream in self._quic._streams.values():
             sender = stream.sender
