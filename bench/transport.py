@@ -162,7 +162,10 @@ class DatagramSizes:
             self.largest_sent = max(self.largest_sent, len(data))
             send(data, addr)
 
-        transport.sendto = sendto
+        # A compiled transport (uvloop's) has read-only methods: the peer's receive side, which
+        # is watched too, still sees these datagrams.
+        with contextlib.suppress(AttributeError):
+            transport.sendto = sendto
 
     def watch_receives(self, protocol: Any) -> None:
         receive = protocol.datagram_received
