@@ -300,6 +300,7 @@ class MeshConnection(QuicConnectionProtocol):
         if not self._path_known:
             self._fit_datagrams_to(addr[0])
         self._receiving, self._answered = True, False
+        in_flight = self._quic._loss.bytes_in_flight
         try:
             self._quic.receive_datagram(cast(bytes, data), addr, now=self._loop.time())
             self._process_events()
@@ -307,11 +308,28 @@ class MeshConnection(QuicConnectionProtocol):
             self._receiving = False
         if self._answered:
             self.transmit()  # answers leave at once, with the ACK
-        else:
-            # Nothing to send yet: a frame that a task sends in this loop turn (the reply a
-            # request awaited) carries the ACK in its packet; else one transmit ends the turn.
+        elif self._quic._loss.bytes_in_flight != in_flight or not self._quic._handshake_confirmed:
+            # Acknowledged or lost packets open the window (or the handshake goes on): send
+            # soon. A frame that a task sends in this loop turn (the reply a request awaited)
+            # carries this transmit along with it.
             self._transmit_soon()
+        else:
+            # Data that changed nothing on our side (the bulk of a transfer we receive): its ACK
+            # and any window update go when the ACK delay expires, not in a transmit per datagram.
+            self._arm_timer()
         self._drained.set()
+
+    def _arm_timer(self) -> None:
+        """Arm aioquic's timer without building packets. A timer already due earlier stays: the
+        idle deadline moves with every datagram, and firing early is harmless (handle_timer acts
+        only on passed deadlines, then transmit() arms the timer for the next one)."""
+        timer_at = self._quic.get_timer()
+        if self._timer is not None:
+            if timer_at is None or self._timer_at <= timer_at:
+                return
+            self._timer.cancel()
+        self._timer = None if timer_at is None else self._loop.call_at(timer_at, self._handle_timer)
+        self._timer_at = timer_at
 
     def quic_event_received(self, event: QuicEvent) -> None:
         if isinstance(event, StreamDataReceived):
