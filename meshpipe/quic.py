@@ -306,12 +306,18 @@ class MeshConnection(QuicConnectionProtocol):
             self._process_events()
         finally:
             self._receiving = False
+        quic = self._quic
         if self._answered:
             self.transmit()  # answers leave at once, with the ACK
-        elif self._quic._loss.bytes_in_flight != in_flight or not self._quic._handshake_confirmed:
-            # Acknowledged or lost packets open the window (or the handshake goes on): send
-            # soon. A frame that a task sends in this loop turn (the reply a request awaited)
-            # carries this transmit along with it.
+        elif (
+            quic._loss.bytes_in_flight != in_flight
+            or not quic._handshake_confirmed
+            or quic._streams_blocked_uni
+            or quic._streams_blocked_bidi
+        ):
+            # Acknowledged or lost packets open the window, the handshake goes on, or streams
+            # wait for credit the datagram may carry: send soon. A frame that a task sends in
+            # this loop turn (the reply a request awaited) carries this transmit along with it.
             self._transmit_soon()
         else:
             # Data that changed nothing on our side (the bulk of a transfer we receive): its ACK

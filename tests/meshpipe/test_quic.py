@@ -298,3 +298,27 @@ def test_a_listener_sizes_datagrams_for_each_peers_path(
         assert "_write_stream_frame" not in connection._quic.__dict__  # aioquic's own writer
 
     run(scenario)
+
+
+def test_a_burst_beyond_the_stream_limit_arrives_whole(
+    identities: tuple[Identity, Identity],
+) -> None:
+    server_identity, peer_identity = identities
+    token = new_join_token()
+    frames = 400  # aioquic lets 128 streams be open at once: the rest wait for MAX_STREAMS
+
+    async def scenario() -> None:
+        server, client = Recorder(echo=True), Recorder()
+        async with mesh_server(server_identity, server, token) as listening:
+            dialer = Dialer(peer_identity, token)
+            connection = await dialer.dial(HOST, bound_port(listening), client, {"node_id": "p"})
+            for index in range(1, frames + 1):
+                connection.queue(Frame(Kind.ECHO, index, {}, torch.full((4,), float(index))))
+            connection.transmit()  # one transmit for the whole batch
+            await client.wait_for(lambda: len(client.of_kind(Kind.ECHO)) == frames)
+            await dialer.close()
+        answers = {frame.message_id: frame.tensor for frame in client.of_kind(Kind.ECHO)}
+        assert sorted(answers) == list(range(1, frames + 1))
+        assert all(float(tensor[0]) == index for index, tensor in answers.items())
+
+    run(scenario)
