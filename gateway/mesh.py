@@ -95,8 +95,12 @@ class WorkerInfo:
         }
 
 
-def plan_layers(num_layers: int, memories: list[int]) -> list[tuple[int, int]]:
-    """Contiguous layer ranges, sized in proportion to each worker's memory (at least 1 each)."""
+def plan_layers(
+    num_layers: int, memories: list[int], head_cost: float = 0.0
+) -> list[tuple[int, int]]:
+    """Contiguous layer ranges (at least one each), each worker's share of the work in proportion
+    to its memory. The last stage's head (final norm and lm_head) counts as `head_cost` layers of
+    work, so the stages take about equally long and none holds up the pipeline."""
     count = len(memories)
     assert 0 < count <= num_layers
     total = sum(memories)
@@ -106,25 +110,30 @@ def plan_layers(num_layers: int, memories: list[int]) -> list[tuple[int, int]]:
         acc += weight
         lowest = bounds[-1] + 1
         highest = num_layers - (count - index - 1)
-        bounds.append(min(max(round(acc * num_layers), lowest), highest))
+        bounds.append(min(max(round(acc * (num_layers + head_cost)), lowest), highest))
     bounds.append(num_layers)
     return list(itertools.pairwise(bounds))
+
+
+def head_cost(config: ModelConfig) -> float:
+    """The work of the lm_head (a vocabulary-sized matrix) in units of one decoder layer."""
+    return config.vocab_size * config.hidden_size / layer_parameters(config)
+
+
+def layer_parameters(config: ModelConfig) -> int:
+    hidden, heads_dim = config.hidden_size, config.num_heads * config.head_dim
+    kv_dim = config.num_kv_heads * config.head_dim
+    return hidden * (2 * heads_dim + 2 * kv_dim) + 3 * hidden * config.intermediate_size
 
 
 def stage_bytes(
     config: ModelConfig, layers: tuple[int, int], slots: int, context: int, itemsize: int
 ) -> int:
     """Memory a stage needs: its layers' weights, its KV cache, and the embedding or head."""
-    hidden, heads_dim = config.hidden_size, config.num_heads * config.head_dim
-    kv_dim = config.num_kv_heads * config.head_dim
-    per_layer = hidden * (2 * heads_dim + 2 * kv_dim) + 3 * hidden * config.intermediate_size
-    cache = 2 * slots * context * kv_dim
-    count = layers[1] - layers[0]
-    total = count * (per_layer + cache)
-    if layers[0] == 0:
-        total += config.vocab_size * hidden
-    if layers[1] == config.num_layers:
-        total += config.vocab_size * hidden
+    cache = 2 * slots * context * config.num_kv_heads * config.head_dim
+    total = (layers[1] - layers[0]) * (layer_parameters(config) + cache)
+    table = config.vocab_size * config.hidden_size
+    total += table * ((layers[0] == 0) + (layers[1] == config.num_layers))
     return total * itemsize
 
 
@@ -330,7 +339,8 @@ class Mesh:
         for count in range(min(self.num_stages, len(candidates), self.config.num_layers), 0, -1):
             chosen = sorted(candidates, key=lambda w: -w.memory)[:count]
             chosen.sort(key=lambda w: w.joined_at)
-            ranges = plan_layers(self.config.num_layers, [w.memory for w in chosen])
+            memories = [w.memory for w in chosen]
+            ranges = plan_layers(self.config.num_layers, memories, head_cost(self.config))
             if all(w.memory >= self._need(r) for w, r in zip(chosen, ranges, strict=True)):
                 self._assign(chosen, ranges)
                 return True

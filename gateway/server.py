@@ -40,7 +40,7 @@ class GatewaySettings:
     mesh_port: int = 9338
     served_name: str = ""
     stages: int = 2
-    num_slots: int = 8
+    num_slots: int = 16
     max_seq_len: int = 2048
     max_batch_tokens: int = 256
     max_waiting: int = 64

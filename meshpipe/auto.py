@@ -33,7 +33,7 @@ class AutoSettings:
     max_in_flight: int = 0
     port: int = 9337
     mesh_port: int = 9338
-    slots: int = 8
+    slots: int = 16
     max_seq_len: int = 2048
     device: str = "cpu"
     dtype: str = "float32"

@@ -33,7 +33,7 @@ def _add_gateway(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mesh-host", default="127.0.0.1")
     p.add_argument("--mesh-port", type=int, default=9338)
     p.add_argument("--stages", type=int, default=2)
-    p.add_argument("--slots", type=int, default=8, help="KV slots: concurrent sequences")
+    p.add_argument("--slots", type=int, default=16, help="KV slots: concurrent sequences")
     p.add_argument("--max-seq-len", type=int, default=2048, help="context length per slot")
     p.add_argument("--max-batch-tokens", type=int, default=256)
     p.add_argument("--max-waiting", type=int, default=64, help="queued requests before 429")
@@ -86,7 +86,7 @@ def _add_auto(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--spare", type=int, default=0, help="standby workers for failover")
     p.add_argument("--port", type=int, default=9337)
     p.add_argument("--mesh-port", type=int, default=9338)
-    p.add_argument("--slots", type=int, default=8)
+    p.add_argument("--slots", type=int, default=16, help="KV slots per model")
     p.add_argument("--max-waiting", type=int, default=64, help="queued requests before 429")
     p.add_argument("--max-batch-tokens", type=int, default=256, help="tokens per micro-batch")
     p.add_argument(

@@ -89,7 +89,8 @@ def test_default_model_three_stages(default_model: Path) -> None:
     three = start_auto(default_model, 3)
     try:
         stages = three.status()["stages"]
-        assert [stage["layers"] for stage in stages] == [[0, 10], [10, 20], [20, 30]]
+        # Balanced by work: the lm_head of the last stage weighs about 8 layers.
+        assert [stage["layers"] for stage in stages] == [[0, 13], [13, 25], [25, 30]]
         assert_parity(three, default_model, PROMPTS[:2], MAX_TOKENS)
     finally:
         three.process.stop()

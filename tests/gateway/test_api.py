@@ -244,7 +244,7 @@ def test_status_and_health(cluster: Cluster) -> None:
     assert httpx.get(f"{cluster.url}/health", timeout=10).json() == {"status": "ok", "ready": True}
     status = cluster.status()
     stages = status["stages"]
-    assert [s["layers"] for s in stages] == [[0, 15], [15, 30]]
+    assert [s["layers"] for s in stages] == [[0, 19], [19, 30]]  # the head weighs 8 layers
     for stage in stages:
         assert stage["pid"] > 0 and stage["device"] == "cpu" and stage["dtype"] == "float32"
         assert stage["address"].startswith("127.0.0.1:")

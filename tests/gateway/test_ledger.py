@@ -152,7 +152,7 @@ def test_ledger_survives_a_gateway_restart(
             {"worker_id": stage["worker_id"], "layers": stage["layers"], "tokens": fed}
             for stage in stages
         ]
-    assert [stage["layers"] for stage in stages] == [[0, 2], [2, 4]]
+    assert [stage["layers"] for stage in stages] == [[0, 3], [3, 4]]
     workers = {w["worker_id"]: w for w in summary["workers"]}
     assert sorted(workers) == ["worker-0", "worker-1"]
     assert all(worker["requests"] == before + 3 for worker in workers.values())

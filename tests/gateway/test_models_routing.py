@@ -21,7 +21,7 @@ def test_two_models_in_one_auto(default_model: Path, tiny_model: Path) -> None:
         pipelines = {model["name"]: model["pipeline"] for model in status["models"]}
         workers = [{s["worker_id"] for s in p["stages"]} for p in pipelines.values()]
         assert all(len(w) == 2 for w in workers) and not workers[0] & workers[1]
-        assert [s["layers"] for s in pipelines[tiny_model.name]["stages"]] == [[0, 2], [2, 4]]
+        assert [s["layers"] for s in pipelines[tiny_model.name]["stages"]] == [[0, 3], [3, 4]]
         for name, directory in ((default_model.name, default_model), (tiny_model.name, tiny_model)):
             prompt = "What is the capital of France?"
             answer = client.chat.completions.create(
