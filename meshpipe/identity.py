@@ -17,6 +17,9 @@ from cryptography.x509.oid import NameOID
 
 TOKEN_PREFIX = "mp1-"
 PROOF_CONTEXT = b"meshpipe-join/1"
+# The server's answer proves the token too, so a client (a worker that found its gateway by
+# mDNS, say) never takes work from a peer outside its mesh.
+WELCOME_CONTEXT = b"meshpipe-welcome/1"
 
 
 @dataclass(frozen=True)
@@ -87,12 +90,16 @@ def load_or_create_join_token(directory: Path) -> str:
     return token
 
 
-def join_proof(token: str, server_fingerprint: str, nonce: str) -> str:
+def join_proof(
+    token: str, server_fingerprint: str, nonce: str, context: bytes = PROOF_CONTEXT
+) -> str:
     """Proof of the token bound to the server's certificate, so it cannot be replayed elsewhere."""
-    message = PROOF_CONTEXT + bytes.fromhex(server_fingerprint) + nonce.encode()
+    message = context + bytes.fromhex(server_fingerprint) + nonce.encode()
     return hmac.new(token.encode(), message, hashlib.sha256).hexdigest()
 
 
-def check_proof(token: str, server_fingerprint: str, nonce: str, proof: str) -> bool:
-    expected = join_proof(token, server_fingerprint, nonce)
+def check_proof(
+    token: str, server_fingerprint: str, nonce: str, proof: str, context: bytes = PROOF_CONTEXT
+) -> bool:
+    expected = join_proof(token, server_fingerprint, nonce, context)
     return hmac.compare_digest(expected, proof)

@@ -33,7 +33,13 @@ from aioquic.quic.recovery import QuicPacketPacer, QuicPacketSpace
 from aioquic.quic.stream import QuicStream
 from aioquic.tls import Epoch
 
-from meshpipe.identity import Identity, certificate_fingerprint, check_proof, join_proof
+from meshpipe.identity import (
+    WELCOME_CONTEXT,
+    Identity,
+    certificate_fingerprint,
+    check_proof,
+    join_proof,
+)
 from meshpipe.wire import DEFAULT_MAX_PAYLOAD_BYTES, Frame, FrameDecoder, FrameError, Kind
 from meshpipe.wire import error_frame as make_error_frame
 
@@ -414,7 +420,8 @@ class MeshConnection(QuicConnectionProtocol):
             return
         self.authenticated = True
         self.peer = {key: value for key, value in meta.items() if key not in ("nonce", "proof")}
-        self.send(Frame(Kind.WELCOME))
+        proof = join_proof(self.token, self._own_fingerprint(), meta["nonce"], WELCOME_CONTEXT)
+        self.send(Frame(Kind.WELCOME, 0, {"proof": proof}))
         self._start_keepalive()
         self.handler.on_frame(self, frame)
 
@@ -424,7 +431,8 @@ class MeshConnection(QuicConnectionProtocol):
         if peer_certificate is None:
             raise JoinRefused("the peer presented no certificate")
         nonce = secrets.token_hex(16)
-        proof = join_proof(self.token, certificate_fingerprint(peer_certificate), nonce)
+        fingerprint = certificate_fingerprint(peer_certificate)
+        proof = join_proof(self.token, fingerprint, nonce)
         self._welcome = asyncio.get_running_loop().create_future()
         self.send(Frame(Kind.HELLO, 0, {**node, "nonce": nonce, "proof": proof}))
         try:
@@ -433,6 +441,13 @@ class MeshConnection(QuicConnectionProtocol):
             raise JoinRefused("no answer to HELLO") from None
         if answer.kind != Kind.WELCOME:
             raise JoinRefused(answer.meta.get("message", f"refused ({answer.kind.name})"))
+        welcome = answer.meta.get("proof")
+        if not (
+            isinstance(welcome, str)
+            and check_proof(self.token, fingerprint, nonce, welcome, WELCOME_CONTEXT)
+        ):
+            self.close(error_code=0x101, reason_phrase="unauthorized")
+            raise JoinRefused("the peer welcomed us without proving the join token")
         self.authenticated = True
         self._start_keepalive()
         return answer.meta

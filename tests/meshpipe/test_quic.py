@@ -322,3 +322,37 @@ def test_a_burst_beyond_the_stream_limit_arrives_whole(
         assert all(float(tensor[0]) == index for index, tensor in answers.items())
 
     run(scenario)
+
+
+class Impostor(MeshConnection):
+    """A server outside the mesh that welcomes anyone (it cannot prove the token)."""
+
+    def _authenticate(self, frame: Frame) -> None:
+        self.authenticated = True
+        self.send(Frame(Kind.WELCOME, 0, {"proof": "0" * 64}))
+
+
+def test_a_server_without_the_token_is_refused_by_the_client(
+    identities: tuple[Identity, Identity],
+) -> None:
+    """Mutual proof: a worker that finds a 'gateway' (by mDNS, say) checks its WELCOME."""
+    server_identity, peer_identity = identities
+    token = new_join_token()
+
+    async def scenario() -> None:
+        from aioquic.asyncio import serve
+
+        def impostor(*args, **kwargs) -> Impostor:
+            return Impostor(*args, handler=Recorder(), token="not-the-token", **kwargs)
+
+        config = configuration(False, server_identity, LOOPBACK_DATAGRAM_SIZE)
+        listening = await serve(HOST, 0, configuration=config, create_protocol=impostor)
+        try:
+            dialer = Dialer(peer_identity, token)
+            with pytest.raises(JoinRefused, match="without proving the join token"):
+                await dialer.dial(HOST, bound_port(listening), Recorder(), {"node_id": "w"})
+            await dialer.close()
+        finally:
+            listening.close()
+
+    run(scenario)
