@@ -147,3 +147,31 @@ def descendants(pid: int) -> list[int]:
         found += children
         frontier += children
     return found
+
+
+def save_random_llama(path: Path, tokenizer_dir: Path, **shape: int) -> Path:
+    """A random 4-layer GQA Llama saved by transformers, with large weights (confident,
+    well-separated logits) and the tokenizer files of `tokenizer_dir`."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        **shape,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.5)
+    model.save_pretrained(path, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, path / name)
+    return path

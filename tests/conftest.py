@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.cluster import Cluster, start_auto
+from tests.cluster import Cluster, save_random_llama, start_auto
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -39,32 +38,16 @@ def default_model(home: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 4-layer Llama with GQA and the default model's tokenizer, saved by transformers."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
+    path = save_random_llama(
+        tmp_path_factory.mktemp("tiny-llama"),
+        default_model,
         vocab_size=49152,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=512,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
         bos_token_id=1,
         eos_token_id=2,
     )
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0, 0.5)  # large weights: confident, well-separated logits
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(default_model / name, path / name)
     config_json = json.loads((path / "config.json").read_text())
     assert config_json["num_hidden_layers"] == 4
     return path

@@ -5,7 +5,6 @@ Skipped without a CUDA device (CI has none); run on a GPU machine with `pytest -
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ import torch
 
 from meshpipe.models.config import ModelConfig
 from meshpipe.models.synth import synth
-from tests.cluster import start_auto
+from tests.cluster import save_random_llama, start_auto
 from tests.test_parity import PROMPTS, pipeline_answer, reference
 from worker.cuda_graphs import DecodeGraphs
 from worker.model import Span, Stage, StagePlan
@@ -31,31 +30,17 @@ BF16_TOLERANCE = 3e-2
 @pytest.fixture(scope="module")
 def gpu_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 4-layer Llama with confident logits, and the synthetic byte-level tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     tokenizer_source = synth("tiny", tmp_path_factory.mktemp("synth") / "tiny")
-    torch.manual_seed(0)
-    config = LlamaConfig(
+    path = save_random_llama(
+        tmp_path_factory.mktemp("gpu-tiny"),
+        tokenizer_source,
         vocab_size=4096,
         hidden_size=128,
         intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=1024,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-5,
         bos_token_id=0,
         eos_token_id=1,
     )
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0, 0.5)
-    path = tmp_path_factory.mktemp("gpu-tiny")
-    model.save_pretrained(path, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tokenizer_source / name, path / name)
     return path
 
 
