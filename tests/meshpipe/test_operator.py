@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -65,6 +66,12 @@ def ask(cluster: Cluster, messages: list[dict[str, str]], max_tokens: int) -> di
 
 
 def test_status_shows_the_pipeline(tiny_cluster: Cluster) -> None:
+    # Link latencies come from pings a few times a second: wait for the first stage's first
+    # measurement of its link to the next, as a user would see once the pipeline has run a moment.
+    deadline = time.monotonic() + 10
+    while tiny_cluster.status()["stages"][0].get("next_rtt") is None:
+        assert time.monotonic() < deadline, "the first stage never timed its next hop"
+        time.sleep(0.1)
     result = run_cli("status", "--url", tiny_cluster.url)
     assert result.returncode == 0, result.stderr
     rows = {line.split("│")[2].strip(): line for line in result.stdout.splitlines() if "│" in line}
