@@ -42,6 +42,7 @@ class AutoSettings:
     # Start a relay too, and make one worker take relayed connections only.
     relay: bool = False
     relay_port: int = 9339
+    block_weights: bool = True
 
 
 class ClusterFailed(Exception):
@@ -112,6 +113,7 @@ class Cluster:
                 "--id",
                 f"worker-{index}",
             ]
+            worker += [] if s.block_weights else ["--no-block-weights"]
             if s.relay:
                 worker += ["--relay", relay]
                 worker += ["--relay-only"] if index == s.stages - 1 else []

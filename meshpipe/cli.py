@@ -70,10 +70,22 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--relay", type=_host_port, help="a relay for links a NAT blocks (HOST:PORT)")
     p.add_argument("--relay-only", action="store_true", help="every link through the relay")
     p.add_argument(
+        "--block-weights",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="CPU: run single-token steps on the model's GGUF Q4_1/Q8_0 blocks when it has them",
+    )
+    p.add_argument(
         "--cuda-graphs",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="replay decode steps from CUDA graphs (cuda only)",
+    )
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="CUDA: compile the captured decode step with TorchInductor",
     )
 
 
@@ -98,6 +110,12 @@ def _add_auto(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ready-timeout", type=float, default=600.0)
     p.add_argument("--relay", action="store_true", help="start a relay and route a stage via it")
     p.add_argument("--relay-port", type=int, default=9339)
+    p.add_argument(
+        "--block-weights",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="CPU: run single-token steps on the model's GGUF Q4_1/Q8_0 blocks when it has them",
+    )
 
 
 def _add_relay(sub: argparse._SubParsersAction) -> None:
@@ -208,6 +226,8 @@ def run_worker(args: argparse.Namespace) -> None:
         max_memory=args.max_memory,
         model=args.model,
         cuda_graphs=args.cuda_graphs,
+        compile=args.compile,
+        block_weights=args.block_weights,
         relay=args.relay,
         relay_only=args.relay_only,
     )
@@ -278,6 +298,7 @@ def run_auto(args: argparse.Namespace) -> None:
             ready_timeout=args.ready_timeout,
             relay=args.relay,
             relay_port=args.relay_port,
+            block_weights=args.block_weights,
         )
     )
 

@@ -81,12 +81,14 @@ def assert_parity(cluster: Cluster, model_dir: Path, prompts: list[str], max_tok
 
 
 def test_default_model_two_stages(cluster: Cluster, default_model: Path) -> None:
+    """Single-token steps run on the GGUF blocks (the default), prefills on float32."""
     assert len(cluster.status()["stages"]) == 2
     assert_parity(cluster, default_model, PROMPTS, MAX_TOKENS)
 
 
 def test_default_model_three_stages(default_model: Path) -> None:
-    three = start_auto(default_model, 3)
+    """Every step on the float32 weights."""
+    three = start_auto(default_model, 3, "--no-block-weights")
     try:
         stages = three.status()["stages"]
         # Balanced by work: the lm_head of the last stage weighs about 8 layers.

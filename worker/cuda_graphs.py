@@ -4,6 +4,12 @@ A decode step (every sequence adds one token) has static shapes once the batch i
 bucket and attention is bounded by a context bucket, so it is captured once and replayed with
 a single launch. Padding rows write their keys and values to a scratch KV slot that no request
 owns. Steps with prompt chunks run eagerly.
+
+With `compile` (the default) the captured step is first compiled by TorchInductor: the
+elementwise work between the matrix products (norms, rotary, SiLU, residuals, the KV writes and
+gathers) fuses into a few Triton kernels instead of dozens of small launches. Batch size and
+context are dynamic (a batch of one is specialised, as torch does for sizes 0 and 1), so two
+compilations serve every bucket; `warm` does both when the stage loads, not on a request.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch._inductor.config
 from torch import Tensor
 
 from worker.model import Span, Stage
@@ -29,8 +36,13 @@ class CapturedStep:
 class DecodeGraphs:
     """Captures and replays the decode step of one stage."""
 
-    def __init__(self, stage: Stage) -> None:
+    def __init__(self, stage: Stage, compile: bool = True) -> None:
         self.stage = stage
+        self.step = self._step
+        if compile:
+            # Tunes the Triton kernels' launch shapes once, on first use (as gpt-fast does).
+            torch._inductor.config.coordinate_descent_tuning = True
+            self.step = torch.compile(self._step, fullgraph=True, dynamic=True)
         self.device = stage.inv_freq.device
         self.max_batch = max(b for b in BATCH_BUCKETS if b <= max(stage.plan.num_slots, 1) * 2)
         self.scratch_slot = stage.plan.num_slots  # allocated by allocate_cache(extra_slots=1)
@@ -45,6 +57,14 @@ class DecodeGraphs:
         self.host_indices = torch.zeros(2, self.max_batch, dtype=torch.long).pin_memory()
         self.pool = torch.cuda.graph_pool_handle()
         self.captured: dict[tuple[int, int], CapturedStep] = {}
+
+    @torch.inference_mode()
+    def warm(self) -> None:
+        """Capture a batch of one and of two: every compilation happens here, at load time."""
+        for bucket in sorted({1, min(2, self.max_batch)}):
+            context = min(CONTEXT_BUCKET, self.stage.plan.max_seq_len)
+            if (bucket, context) not in self.captured:
+                self._capture(bucket, context)
 
     def handles(self, spans: list[Span]) -> bool:
         return all(span.length == 1 for span in spans) and len(spans) <= self.max_batch
@@ -68,10 +88,14 @@ class DecodeGraphs:
         step.graph.replay()
         return step.output[:count]
 
+    def _step(self, inputs: Tensor, slots: Tensor, positions: Tensor, context: int) -> Tensor:
+        step = self.stage.decode_inputs(slots, positions, context)
+        return self.stage.run(inputs, step, None)
+
     def _capture(self, bucket: int, context: int) -> CapturedStep:
         def body() -> Tensor:
-            step = self.stage.decode_inputs(self.slots[:bucket], self.positions[:bucket], context)
-            return self.stage.run(self.inputs[:bucket], step, None)
+            slots, positions = self.slots[:bucket], self.positions[:bucket]
+            return self.step(self.inputs[:bucket], slots, positions, context)
 
         # Warm up on a side stream (lazy initialisation must not be captured); the padding
         # slot receives the warm-up's writes, so no request's cache is touched.

@@ -82,18 +82,20 @@ class Attention(nn.Module):
         self.config = config
         heads, kv_heads, head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, heads * head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, kv_heads * head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, kv_heads * head_dim, bias=bias)
+        # q, k and v in one product (one read of x, one kernel); loaded by concatenating rows
+        self.qkv_proj = nn.Linear(config.hidden_size, (heads + 2 * kv_heads) * head_dim, bias=bias)
         self.o_proj = nn.Linear(heads * head_dim, config.hidden_size, bias=False)
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: Tensor, step: StepInputs) -> Tensor:
         tokens = x.shape[0]
         config = self.config
-        q = self.q_proj(x).view(tokens, config.num_heads, config.head_dim)
-        k = self.k_proj(x).view(tokens, config.num_kv_heads, config.head_dim)
-        v = self.v_proj(x).view(tokens, config.num_kv_heads, config.head_dim)
+        heads, kv_heads, head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+        q, k, v = self.qkv_proj(x).split(sizes, dim=-1)
+        q = q.reshape(tokens, heads, head_dim)
+        k = k.reshape(tokens, kv_heads, head_dim)
+        v = v.reshape(tokens, kv_heads, head_dim)
         q, k = apply_rotary(q, step.cos, step.sin), apply_rotary(k, step.cos, step.sin)
         assert self.kv_cache is not None
         self.kv_cache.update(step.slots, step.positions, k, v)
@@ -135,12 +137,13 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        ffn = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * ffn, bias=False)  # gate rows, then up
+        self.down_proj = nn.Linear(ffn, config.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -294,40 +297,51 @@ class Stage(nn.Module):
 
     def load(self, model_dir: Path) -> None:
         """Read only this stage's tensors from the model's safetensors files."""
-        wanted = self._checkpoint_names()
+        parts = self.checkpoint_parts()
+        wanted = {name for names in parts.values() for name in names}
         device = self.inv_freq.device
         found: dict[str, Tensor] = {}
         for path in sorted(model_dir.glob("*.safetensors")):
             with safe_open(str(path), framework="pt", device=str(device)) as file:
                 for name in file.keys():  # noqa: SIM118 - safe_open is not a dict
                     if name in wanted:
-                        found[wanted[name]] = file.get_tensor(name)
-        if self.plan.is_last and "lm_head.weight" not in found and self.config.tie_word_embeddings:
-            found["lm_head.weight"] = self._tied_embedding(model_dir)
-        missing = set(self.state_dict()) - set(found) - {"inv_freq"}
+                        found[name] = file.get_tensor(name)
+        missing = sorted(name for name in wanted if name not in found)
         if missing:
-            raise ValueError(f"{model_dir} lacks tensors: {sorted(missing)[:4]}")
-        self.load_state_dict(found, strict=False)
+            raise ValueError(f"{model_dir} lacks tensors: {missing[:4]}")
+        state = {
+            own: found[names[0]] if len(names) == 1 else torch.cat([found[n] for n in names])
+            for own, names in parts.items()
+        }
+        self.load_state_dict(state, strict=False)
 
-    def _checkpoint_names(self) -> dict[str, str]:
-        """Checkpoint name -> this module's parameter name, for this stage's tensors only."""
-        names: dict[str, str] = {}
+    def checkpoint_parts(self) -> dict[str, list[str]]:
+        """This stage's parameter name -> the checkpoint tensors it is made of, rows in order
+        (fused projections are several; the tied head is the embedding)."""
+        parts: dict[str, list[str]] = {}
         for own in self.state_dict():
             if own.startswith("layers."):
                 index, rest = own.split(".", 2)[1:]
-                names[f"model.layers.{int(index) + self.plan.layer_start}.{rest}"] = own
+                prefix = f"model.layers.{int(index) + self.plan.layer_start}."
+                parts[own] = [prefix + name for name in _unfused(rest)]
             elif own == "lm_head.weight":
-                names[own] = own
+                tied = self.config.tie_word_embeddings
+                parts[own] = ["model.embed_tokens.weight" if tied else own]
             else:
-                names[f"model.{own}"] = own
-        return names
+                parts[own] = [f"model.{own}"]
+        return parts
 
-    def _tied_embedding(self, model_dir: Path) -> Tensor:
-        for path in sorted(model_dir.glob("*.safetensors")):
-            with safe_open(str(path), framework="pt") as file:
-                if "model.embed_tokens.weight" in file.keys():  # noqa: SIM118
-                    return file.get_tensor("model.embed_tokens.weight")
-        raise ValueError(f"{model_dir} has no embedding to tie the head to")
+
+FUSED = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+
+
+def _unfused(name: str) -> list[str]:
+    """A layer parameter's checkpoint names: `self_attn.qkv_proj.bias` -> the q, k, v biases."""
+    module, _, kind = name.rpartition(".")
+    return [f"{part}.{kind}" for part in FUSED[module]] if module in FUSED else [name]
 
 
 def _rows(spans: list[Span]) -> list[tuple[int, Span]]:

@@ -30,6 +30,7 @@ from meshpipe.reach import GATEWAY_NODE_ID, Hop, dial
 from meshpipe.relay_link import RelayLink, RelayUnavailable, link_kind
 from meshpipe.wire import Frame, FrameError, Kind, error_frame
 from worker.batch import Batch, parse_batch
+from worker.blocks import Kernels, use_blocks
 from worker.cuda_graphs import DecodeGraphs
 from worker.model import Stage, StagePlan
 from worker.sampling import sample
@@ -61,6 +62,8 @@ class WorkerSettings:
     relay: tuple[str, int] | None = None
     relay_only: bool = False
     cuda_graphs: bool = True
+    compile: bool = True  # CUDA: the captured decode step compiled by TorchInductor
+    block_weights: bool = True  # CPU single-token steps on the model's GGUF blocks, if it has them
 
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
@@ -99,6 +102,7 @@ class WorkerNode:
         self.config: ModelConfig | None = None
         self.batches: asyncio.Queue[tuple[MeshConnection, Frame]] = asyncio.Queue()
         self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compute")
+        self.kernels = Kernels()  # compiled block kernels, kept across plans
         self.active_slots: dict[int, str] = {}
         self.steps = 0
         self.step_seconds = 0.0
@@ -280,7 +284,9 @@ class WorkerNode:
             self.executor, self._build_stage, model_dir, config, plan
         )
         if self.settings.device == "cuda" and self.settings.cuda_graphs:
-            self.graphs = DecodeGraphs(stage)
+            graphs = DecodeGraphs(stage, compile=self.settings.compile)
+            await asyncio.get_running_loop().run_in_executor(self.executor, graphs.warm)
+            self.graphs = graphs
         self.config, self.plan, self.stage = config, plan, stage
 
     def _build_stage(self, model_dir, config: ModelConfig, plan: StagePlan) -> Stage:
@@ -293,6 +299,10 @@ class WorkerNode:
         stage = stage.to_empty(device=self.settings.device)
         stage.load(model_dir)
         stage.reset_rope()
+        if self.settings.block_weights and self.settings.device == "cpu":
+            swapped = use_blocks(stage, model_dir, self.kernels)
+            if swapped:
+                log.info("%d layers run single-token steps on the model's GGUF blocks", swapped)
         # One scratch slot for the padding rows of CUDA-graph batches.
         stage.allocate_cache(dtype, extra_slots=1 if self.settings.device == "cuda" else 0)
         return stage.eval()

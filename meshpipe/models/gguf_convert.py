@@ -1,4 +1,10 @@
-"""Turn a Llama-architecture GGUF file into a Hugging Face layout directory in float32."""
+"""Turn a Llama-architecture GGUF file into a Hugging Face layout directory in float32.
+
+Beside `model.safetensors` (float32, what transformers and every batched step read) the directory
+keeps the GGUF's own Q4_1 and Q8_0 blocks in `blocks.safetensors`, unpacked into plain arrays: a
+CPU worker runs single-token steps on them (worker/blocks.py), reading a quarter of the bytes for
+numerically the same weights.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ import gguf
 import numpy as np
 from rich.console import Console
 from rich.progress import Progress
+from safetensors.numpy import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from meshpipe.models.errors import GGUFError
@@ -40,6 +47,7 @@ LAYER_TENSORS = {
 # `tokenizer.ggml.pre` values whose llama.cpp pre-tokenizer splits every digit off first.
 DIGIT_SPLIT_PRE = {"smollm", "starcoder"}
 PLAIN_BYTE_LEVEL_PRE = {"default", "gpt-2", "gpt2"}
+BLOCKS_FILE = "blocks.safetensors"
 # Errors the gguf library and numpy raise on malformed or truncated input.
 READ_ERRORS = (ValueError, IndexError, KeyError, TypeError, struct.error, UnicodeDecodeError)
 
@@ -60,6 +68,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, progress: bool = True) -> None:
     try:
         staging.chmod(0o755)
         _write_tensors(reader, config, staging / "model.safetensors", gguf_path, progress)
+        _write_blocks(reader, config, staging / BLOCKS_FILE)
         tokenizer.save(str(staging / "tokenizer.json"))
         _write_json(staging / "tokenizer_config.json", tokenizer_config(metadata))
         _write_json(staging / "generation_config.json", generation_config(metadata))
@@ -228,6 +237,46 @@ def _write_tensors(
                 ) from exc
             file.write(np.ascontiguousarray(weight, dtype="<f4").data)
             bar.advance(task, weight.nbytes)
+
+
+def block_arrays(tensor: Any, config: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The Q4_1 or Q8_0 blocks of one GGUF tensor as arrays named after the GGUF fields, rows in
+    HF order: `qs` `[rows, blocks, 16]` uint8 (Q4_1: low nibble = element j, high = j + 16) or
+    `[rows, blocks, 32]` int8 (Q8_0), `d` (and Q4_1's `m`) `[rows, blocks]` float16.
+    Dequantized, element j of a block is `d * q_j + m` (Q4_1) or `d * q_j` (Q8_0)."""
+    rows = int(tensor.shape[-1])
+    kind = gguf.GGMLQuantizationType(tensor.tensor_type)
+    raw = np.asarray(tensor.data, dtype=np.uint8).reshape(rows, -1)
+    if kind == gguf.GGMLQuantizationType.Q4_1:
+        blocks = raw.reshape(rows, -1, 20)  # d fp16, m fp16, 16 bytes of nibbles
+        fields = {"d": blocks[..., 0:2], "m": blocks[..., 2:4]}
+        arrays = {name: value.copy().view(np.float16)[..., 0] for name, value in fields.items()}
+        arrays["qs"] = blocks[..., 4:].copy()
+    else:
+        blocks = raw.reshape(rows, -1, 34)  # d fp16, 32 int8
+        arrays = {"d": blocks[..., 0:2].copy().view(np.float16)[..., 0]}
+        arrays["qs"] = blocks[..., 2:].copy().view(np.int8)
+    heads = {".attn_q.weight": "num_attention_heads", ".attn_k.weight": "num_key_value_heads"}
+    for suffix, key in heads.items():
+        if tensor.name.endswith(suffix):
+            arrays = {name: unpermute_rows(value, config[key]) for name, value in arrays.items()}
+    return {name: np.ascontiguousarray(value) for name, value in arrays.items()}
+
+
+def _write_blocks(reader: gguf.GGUFReader, config: dict[str, Any], path: Path) -> None:
+    """Keep the Q4_1 and Q8_0 tensors' own blocks (about a quarter of the float32 bytes)."""
+    kinds = {gguf.GGMLQuantizationType.Q4_1: "q4_1", gguf.GGMLQuantizationType.Q8_0: "q8_0"}
+    arrays: dict[str, np.ndarray] = {}
+    for tensor in reader.tensors:
+        kind = kinds.get(gguf.GGMLQuantizationType(tensor.tensor_type))
+        if kind is None or len(tensor.shape) != 2:
+            continue
+        name = hf_tensor_name(tensor.name)
+        for field, value in block_arrays(tensor, config).items():
+            arrays[f"{name}.{kind}.{field}"] = value
+    if arrays:
+        save_file(arrays, str(path))
+        path.chmod(0o644)
 
 
 def build_tokenizer(metadata: dict[str, Any]) -> Tokenizer:

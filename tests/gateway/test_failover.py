@@ -22,8 +22,9 @@ def request(model: str, max_tokens: int = LENGTH) -> dict:
     return {"model": model, "messages": STORY, "max_tokens": max_tokens, "temperature": 0}
 
 
-def undisturbed(url: str, model: str) -> str:
-    response = httpx.post(f"{url}/v1/chat/completions", json=request(model), timeout=120)
+def undisturbed(url: str, model: str, max_tokens: int = LENGTH) -> str:
+    body = request(model, max_tokens)
+    response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
     assert response.status_code == 200, response.text
     return response.json()["choices"][0]["message"]["content"]
 
@@ -211,13 +212,17 @@ def test_worker_joining_mid_load_gets_work(default_model: Path) -> None:
         wait_until(lambda: mesh.status()["pipeline"]["ready"], 120)
         model = mesh.model()
         assert len(mesh.status()["stages"]) == 2
-        expected = undisturbed(mesh.url, model)
+        # long enough that the third worker starts, loads and takes its layers meanwhile
+        tokens = 4 * LENGTH
+        expected = undisturbed(mesh.url, model, tokens)
         import concurrent.futures
 
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
-            futures = [pool.submit(undisturbed, mesh.url, model) for _ in range(3)]
+            futures = [pool.submit(undisturbed, mesh.url, model, tokens) for _ in range(3)]
             time.sleep(1.0)
             mesh.add_worker("gamma")
+            wait_until(lambda: len(mesh.status()["pipeline"]["stages"]) == 3, 120)
+            assert not all(future.done() for future in futures), "joined after the load ended"
             results = [future.result(timeout=180) for future in futures]
         assert results == [expected] * 3
         wait_until(lambda: mesh.status()["pipeline"]["ready"], 60)
@@ -225,7 +230,7 @@ def test_worker_joining_mid_load_gets_work(default_model: Path) -> None:
         assert sorted(s["worker_id"] for s in stages[:2]) == ["alpha", "beta"]
         assert stages[2]["worker_id"] == "gamma"  # the newest joiner
         assert [s["layers"] for s in stages] == [[0, 13], [13, 25], [25, 30]]
-        assert undisturbed(mesh.url, model) == expected
+        assert undisturbed(mesh.url, model, tokens) == expected
         assert mesh.status()["stages"][2]["steps"] > 0
     finally:
         mesh.stop()

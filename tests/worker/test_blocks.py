@@ -1,0 +1,95 @@
+"""The GGUF blocks a CPU worker decodes on are the same weights as the float32 checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from meshpipe.models.config import ModelConfig
+from worker.blocks import BlockLinear, use_blocks
+from worker.model import Span, Stage, StagePlan
+
+
+def dequantized(kind: str, fields: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The float32 weight of blocks, by GGUF's own definition (element j of a block)."""
+    d = fields["d"].float().unsqueeze(-1)
+    if kind == "q8_0":
+        return (fields["qs"].float() * d).flatten(1)
+    qs = fields["qs"]
+    values = torch.cat([(qs & 15), (qs >> 4)], dim=-1).float()  # elements 0-15, then 16-31
+    return (d * values + fields["m"].float().unsqueeze(-1)).flatten(1)
+
+
+def read_all(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    with safe_open(str(path), framework="pt") as file:
+        return {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
+
+
+def test_blocks_equal_the_float32_weights(default_model: Path) -> None:
+    weights = read_all(default_model / "model.safetensors")
+    blocks: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, value in read_all(default_model / "blocks.safetensors").items():
+        weight, kind, field = key.rsplit(".", 2)
+        blocks.setdefault((weight, kind), {})[field] = value
+    # every projection of every layer (Q/K rows in HF order) and the Q8_0 embedding
+    assert len(blocks) == 7 * 30 + 1
+    for (weight, kind), fields in blocks.items():
+        assert torch.equal(dequantized(kind, fields), weights[weight]), weight
+
+
+def build_stage(model_dir: Path, layers: tuple[int, int]) -> Stage:
+    config = ModelConfig.from_dir(model_dir)
+    with torch.device("meta"):
+        stage = Stage(config, StagePlan(*layers, config.num_layers, 2, 128))
+    stage = stage.to_empty(device="cpu")
+    stage.load(model_dir)
+    stage.reset_rope()
+    stage.allocate_cache(torch.float32)
+    return stage.eval()
+
+
+def greedy(stage: Stage, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
+    """Prefill (float32 GEMM), then one-token steps; the tokens and the last logits."""
+    with torch.inference_mode():
+        logits = stage(torch.tensor(prompt), [Span(0, 0, len(prompt))], [len(prompt) - 1])
+        tokens = [int(logits.argmax())]
+        for index in range(steps):
+            span = Span(0, len(prompt) + index, 1)
+            logits = stage(torch.tensor(tokens[-1:]), [span], [0])
+            tokens.append(int(logits.argmax()))
+    return tokens, logits
+
+
+def test_a_stage_on_blocks_decodes_like_float32(default_model: Path) -> None:
+    float32 = build_stage(default_model, (0, 30))
+    blocked = build_stage(default_model, (0, 30))
+    assert use_blocks(blocked, default_model) == 4 * 30 + 1  # qkv, o, gate_up, down; the head
+    assert isinstance(blocked.layers[0].self_attn.qkv_proj, BlockLinear)
+    assert isinstance(blocked.lm_head, BlockLinear)
+    prompt = [1, 504, 3458, 282, 4649, 314, 30, 2]
+    expected, expected_logits = greedy(float32, prompt, 24)
+    tokens, logits = greedy(blocked, prompt, 24)
+    assert tokens == expected
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-3)
+
+
+def test_wide_inputs_keep_the_float32_weight(default_model: Path) -> None:
+    stage = build_stage(default_model, (28, 30))
+    reference = stage.layers[0].mlp.down_proj.weight.clone()
+    use_blocks(stage, default_model)
+    down = stage.layers[0].mlp.down_proj
+    assert isinstance(down, BlockLinear)
+    x = torch.randn(3, reference.shape[1])
+    with torch.inference_mode():
+        assert torch.equal(down(x), nn.functional.linear(x, reference))
+        one = down(x[:1])
+    torch.testing.assert_close(one, nn.functional.linear(x[:1], reference), rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_without_blocks_keeps_float32(tiny_model: Path) -> None:
+    stage = build_stage(tiny_model, (0, 3))
+    assert use_blocks(stage, tiny_model) == 0
+    assert type(stage.layers[0].self_attn.qkv_proj) is nn.Linear

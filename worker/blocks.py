@@ -1,0 +1,150 @@
+"""Single-token steps on the GGUF's own blocks: Q4_1 and Q8_0 weights read as 4 and 8 bits.
+
+A decode step of one sequence is a chain of matrix-vector products, bound by the bytes of weight
+read per token. The default model arrives as Q4_1 (with a Q8_0 embedding); its float32 form is
+four to eight times the bytes. For a one-row input, a `BlockLinear` computes the same product
+from the blocks themselves: `y[n] = sum_b d[b, n] * sum_j x[b, j] * q[b, j, n] (+ m[b, n] * sum_j
+x[b, j])`, the weights numerically those of the float32 tensor (`d * q + m` is exact in float32),
+only summed in another order. Wider inputs (prefill chunks, batched decodes) are compute-bound and
+keep the float32 GEMM.
+
+The kernels are plain tensor expressions compiled by TorchInductor into one fused C++ loop each:
+weights are tiled `[N / TILE, blocks, 32, TILE]` so the loop streams them in order and vectorizes
+across TILE outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch._inductor
+from safetensors import safe_open
+from torch import Tensor, nn
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from meshpipe.models.gguf_convert import BLOCKS_FILE
+from worker.model import Stage
+
+TILE = 32  # outputs per tile: a tile's block rows are contiguous, so weights stream in order
+BLOCK = 32  # elements per GGUF block (Q4_1 and Q8_0)
+
+
+def q4_1_matvec(x: Tensor, qs: Tensor, d: Tensor, m: Tensor) -> Tensor:
+    """`x` `[1, K]` times Q4_1 weights: `qs` `[T, nb, 16, TILE]` uint8, `d`, `m` `[T, nb, TILE]`."""
+    tiles, blocks, _, tile = qs.shape
+    xb = x.view(1, blocks, BLOCK, 1)
+    low, high = (qs & 15).float(), (qs >> 4).float()  # elements j and j + 16 of each block
+    dots = (low * xb[:, :, :16] + high * xb[:, :, 16:]).sum(2)  # [T, nb, TILE]
+    return (dots * d.float() + m.float() * xb.sum(2)).sum(1).view(1, tiles * tile)
+
+
+def q8_0_matvec(x: Tensor, qs: Tensor, d: Tensor) -> Tensor:
+    """`x` `[1, K]` times Q8_0 weights: `qs` `[T, nb, 32, TILE]` int8, `d` `[T, nb, TILE]`."""
+    tiles, blocks, _, tile = qs.shape
+    xb = x.view(1, blocks, BLOCK, 1)
+    return ((qs.float() * xb).sum(2) * d.float()).sum(1).view(1, tiles * tile)
+
+
+def tiled(value: Tensor) -> Tensor:
+    """`[N, nb, ...]` (rows first, as stored) -> `[N / TILE, nb, ..., TILE]`."""
+    rows = value.shape[0]
+    value = value.view(rows // TILE, TILE, *value.shape[1:])
+    return value.movedim(1, -1).contiguous()
+
+
+class Kernels:
+    """The matvec kernels, compiled once per (kind, weight shape) and shared by the layers.
+
+    Compiled straight from a traced graph (`make_fx` then Inductor), not through `torch.compile`:
+    a call then costs about 9 us instead of about 60 us of guard checks, and a stage makes
+    several hundred calls per token."""
+
+    def __init__(self) -> None:
+        self.compiled: dict[tuple, Callable[..., Tensor]] = {}
+
+    def get(self, kind: str, x: Tensor, fields: list[Tensor]) -> Callable[..., Tensor]:
+        key = (kind, *(tuple(field.shape) for field in fields))
+        if key not in self.compiled:
+            kernel = q4_1_matvec if kind == "q4_1" else q8_0_matvec
+            graph = make_fx(kernel)(x, *fields)
+            self.compiled[key] = torch._inductor.compile(graph, [x, *fields])
+        return self.compiled[key]
+
+
+class BlockLinear(nn.Module):
+    """A bias-free linear layer: float32 weight for wide inputs, GGUF blocks for one row."""
+
+    def __init__(self, linear: nn.Linear, kind: str, fields: dict[str, Tensor], kernels: Kernels):
+        super().__init__()
+        assert linear.bias is None
+        self.weight = linear.weight
+        self.fields = [tiled(fields[name]) for name in ("qs", "d", "m") if name in fields]
+        with torch.inference_mode():
+            self.matvec = kernels.get(kind, torch.zeros(1, linear.in_features), self.fields)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[0] != 1:
+            return nn.functional.linear(x, self.weight)
+        return self.matvec(x.contiguous(), *self.fields)
+
+
+def usable(linear: nn.Linear, fields: dict[str, Tensor]) -> bool:
+    """Blocks fit the kernels: float32 CPU layer, rows in whole tiles, the shapes agree."""
+    rows, columns = linear.weight.shape
+    return (
+        linear.weight.device.type == "cpu"
+        and linear.weight.dtype == torch.float32
+        and linear.bias is None
+        and rows % TILE == 0
+        and columns % BLOCK == 0
+        and fields["qs"].shape[:2] == (rows, columns // BLOCK)
+    )
+
+
+def read_blocks(model_dir: Path, names: set[str]) -> dict[str, tuple[str, dict[str, Tensor]]]:
+    """Checkpoint weight name -> (kind, fields) for the wanted names the blocks file holds."""
+    path = model_dir / BLOCKS_FILE
+    if not path.is_file():
+        return {}
+    found: dict[str, tuple[str, dict[str, Tensor]]] = {}
+    with safe_open(str(path), framework="pt") as file:
+        for key in file.keys():  # noqa: SIM118 - safe_open is not a dict
+            weight, kind, field = key.rsplit(".", 2)
+            if weight in names:
+                found.setdefault(weight, (kind, {}))[1][field] = file.get_tensor(key)
+    return found
+
+
+def joined(parts: list[tuple[str, dict[str, Tensor]]]) -> tuple[str, dict[str, Tensor]] | None:
+    """The blocks of a fused layer: its parts' rows concatenated, if all share one kind."""
+    kinds = {kind for kind, _ in parts}
+    if len(kinds) != 1:
+        return None
+    names = parts[0][1].keys()
+    return kinds.pop(), {name: torch.cat([fields[name] for _, fields in parts]) for name in names}
+
+
+def use_blocks(stage: Stage, model_dir: Path, kernels: Kernels | None = None) -> int:
+    """Swap every linear layer of `stage` whose blocks the model has for a `BlockLinear` (its
+    kernel compiled now, not on the first request); return how many were swapped. A worker
+    passes its own `kernels`, so a new plan reuses what an earlier one compiled."""
+    parts = stage.checkpoint_parts()
+    linears = {name: module for name, module in stage.named_modules() if type(module) is nn.Linear}
+    wanted = {name for linear in linears for name in parts[f"{linear}.weight"]}
+    blocks = read_blocks(model_dir, wanted)
+    kernels = kernels or Kernels()
+    swapped = 0
+    for name, linear in linears.items():
+        names = parts[f"{name}.weight"]
+        if not all(part in blocks for part in names):
+            continue
+        fused = joined([blocks[part] for part in names])
+        if fused is None or not usable(linear, fused[1]):
+            continue
+        parent, _, attribute = name.rpartition(".")
+        module = stage.get_submodule(parent) if parent else stage
+        setattr(module, attribute, BlockLinear(linear, *fused, kernels))
+        swapped += 1
+    return swapped
