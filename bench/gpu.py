@@ -240,14 +240,19 @@ def main(argv: list[str] | None = None) -> None:
         "roofline_single_stream_tok_s": round(bandwidth / weights, 1),
         "meshpipe": ours,
     }
-    if not args.skip_hf:
-        report["transformers"] = hf_anchor(model_dir, args.tokens)
-    report["ratios"] = ratios(report)
     path = Path(args.output) if args.output else RESULTS / f"gpu-{report['date'][:10]}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
+    write(path, report)  # before the anchors too: a run cut short keeps meshpipe's figures
+    if not args.skip_hf:
+        report["transformers"] = hf_anchor(model_dir, args.tokens)
+        write(path, report)
     print(f"wrote {path}")
+
+
+def write(path: Path, report: dict[str, Any]) -> None:
+    report["ratios"] = ratios(report)
+    path.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report["ratios"], indent=2), flush=True)
 
 
 def ratios(report: dict[str, Any]) -> dict[str, Any]:

@@ -295,25 +295,36 @@ class Stage(nn.Module):
             x = x[sample_rows]
         return self.lm_head(self.norm(x)).float()
 
+    @torch.no_grad()
     def load(self, model_dir: Path) -> None:
-        """Read only this stage's tensors from the model's safetensors files."""
-        parts = self.checkpoint_parts()
-        wanted = {name for names in parts.values() for name in names}
-        device = self.inv_freq.device
-        found: dict[str, Tensor] = {}
+        """Read only this stage's tensors from the model's safetensors files, each copied into
+        its rows of the allocated parameter at once: peak memory is the weights plus one tensor."""
+        where: dict[str, tuple[Path, list[int]]] = {}  # checkpoint name -> file, shape
         for path in sorted(model_dir.glob("*.safetensors")):
-            with safe_open(str(path), framework="pt", device=str(device)) as file:
+            with safe_open(str(path), framework="pt") as file:
                 for name in file.keys():  # noqa: SIM118 - safe_open is not a dict
-                    if name in wanted:
-                        found[name] = file.get_tensor(name)
-        missing = sorted(name for name in wanted if name not in found)
-        if missing:
-            raise ValueError(f"{model_dir} lacks tensors: {missing[:4]}")
-        state = {
-            own: found[names[0]] if len(names) == 1 else torch.cat([found[n] for n in names])
-            for own, names in parts.items()
-        }
-        self.load_state_dict(state, strict=False)
+                    where.setdefault(name, (path, file.get_slice(name).get_shape()))
+        parameters = self.state_dict(keep_vars=True)
+        copies: dict[Path, list[tuple[str, Tensor]]] = {}
+        for own, names in self.checkpoint_parts().items():
+            missing = [name for name in names if name not in where]
+            if missing:
+                raise ValueError(f"{model_dir} lacks tensors: {missing[:4]}")
+            row = 0
+            for name in names:
+                path, shape = where[name]
+                copies.setdefault(path, []).append((name, parameters[own][row : row + shape[0]]))
+                row += shape[0]
+            if row != parameters[own].shape[0]:
+                raise ValueError(f"{model_dir}: {names} do not make {own}'s shape")
+        device = str(self.inv_freq.device)
+        for path, targets in copies.items():
+            with safe_open(str(path), framework="pt", device=device) as file:
+                for name, target in targets:
+                    tensor = file.get_tensor(name)
+                    if tensor.shape != target.shape:
+                        raise ValueError(f"{model_dir}: {name} is {list(tensor.shape)}")
+                    target.copy_(tensor)
 
     def checkpoint_parts(self) -> dict[str, list[str]]:
         """This stage's parameter name -> the checkpoint tensors it is made of, rows in order

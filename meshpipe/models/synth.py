@@ -57,12 +57,12 @@ def synth(preset_name: str, out: Path | None = None, seed: int = 0, device: str 
     partial.mkdir(parents=True)
     _write_weights(partial, preset, seed, device)
     _write_tokenizer(partial, preset)
-    (partial / "config.json").write_text(json.dumps(_config(preset, preset_name), indent=2))
+    (partial / "config.json").write_text(json.dumps(preset_config(preset, preset_name), indent=2))
     partial.rename(target)
     return target
 
 
-def _config(preset: Preset, name: str) -> dict:
+def preset_config(preset: Preset, name: str) -> dict:
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
