@@ -29,22 +29,28 @@ from worker.model import Stage
 
 TILE = 32  # outputs per tile: a tile's block rows are contiguous, so weights stream in order
 BLOCK = 32  # elements per GGUF block (Q4_1 and Q8_0)
+# The kernels dequantize once per row, so their cost grows with the rows; MKL's float32 GEMM is
+# slow at 2-3 rows. A whole-model step on one thread, float32 vs blocks: 1 row 64 vs 27 ms,
+# 2 rows 108 vs 40, 3 rows 143 vs 53, 4 rows 107 vs 88, 6 rows 111 vs 109, 8 rows 109 vs 143.
+MAX_ROWS = 3  # 4 rows would gain little for another compilation per shape at load
 
 
-def q4_1_matvec(x: Tensor, qs: Tensor, d: Tensor, m: Tensor) -> Tensor:
-    """`x` `[1, K]` times Q4_1 weights: `qs` `[T, nb, 16, TILE]` uint8, `d`, `m` `[T, nb, TILE]`."""
+def q4_1_matmul(x: Tensor, qs: Tensor, d: Tensor, m: Tensor) -> Tensor:
+    """`x` `[R, K]` times Q4_1 weights: `qs` `[T, nb, 16, TILE]` uint8, `d`, `m` `[T, nb, TILE]`."""
     tiles, blocks, _, tile = qs.shape
-    xb = x.view(1, blocks, BLOCK, 1)
+    rows = x.shape[0]
+    xb = x.view(rows, 1, blocks, BLOCK, 1)
     low, high = (qs & 15).float(), (qs >> 4).float()  # elements j and j + 16 of each block
-    dots = (low * xb[:, :, :16] + high * xb[:, :, 16:]).sum(2)  # [T, nb, TILE]
-    return (dots * d.float() + m.float() * xb.sum(2)).sum(1).view(1, tiles * tile)
+    dots = (low * xb[:, :, :, :16] + high * xb[:, :, :, 16:]).sum(3)  # [R, T, nb, TILE]
+    return (dots * d.float() + m.float() * xb.sum(3)).sum(2).view(rows, tiles * tile)
 
 
-def q8_0_matvec(x: Tensor, qs: Tensor, d: Tensor) -> Tensor:
-    """`x` `[1, K]` times Q8_0 weights: `qs` `[T, nb, 32, TILE]` int8, `d` `[T, nb, TILE]`."""
+def q8_0_matmul(x: Tensor, qs: Tensor, d: Tensor) -> Tensor:
+    """`x` `[R, K]` times Q8_0 weights: `qs` `[T, nb, 32, TILE]` int8, `d` `[T, nb, TILE]`."""
     tiles, blocks, _, tile = qs.shape
-    xb = x.view(1, blocks, BLOCK, 1)
-    return ((qs.float() * xb).sum(2) * d.float()).sum(1).view(1, tiles * tile)
+    rows = x.shape[0]
+    xb = x.view(rows, 1, blocks, BLOCK, 1)
+    return ((qs.float() * xb).sum(3) * d.float()).sum(2).view(rows, tiles * tile)
 
 
 def tiled(value: Tensor) -> Tensor:
@@ -55,7 +61,7 @@ def tiled(value: Tensor) -> Tensor:
 
 
 class Kernels:
-    """The matvec kernels, compiled once per (kind, weight shape) and shared by the layers.
+    """The kernels, compiled once per (kind, rows, weight shape) and shared by the layers.
 
     Compiled straight from a traced graph (`make_fx` then Inductor), not through `torch.compile`:
     a call then costs about 9 us instead of about 60 us of guard checks, and a stage makes
@@ -65,16 +71,17 @@ class Kernels:
         self.compiled: dict[tuple, Callable[..., Tensor]] = {}
 
     def get(self, kind: str, x: Tensor, fields: list[Tensor]) -> Callable[..., Tensor]:
-        key = (kind, *(tuple(field.shape) for field in fields))
+        key = (kind, tuple(x.shape), *(tuple(field.shape) for field in fields))
         if key not in self.compiled:
-            kernel = q4_1_matvec if kind == "q4_1" else q8_0_matvec
+            kernel = q4_1_matmul if kind == "q4_1" else q8_0_matmul
             graph = make_fx(kernel)(x, *fields)
             self.compiled[key] = torch._inductor.compile(graph, [x, *fields])
         return self.compiled[key]
 
 
 class BlockLinear(nn.Module):
-    """A bias-free linear layer: float32 weight for wide inputs, GGUF blocks for one row."""
+    """A bias-free linear layer: GGUF blocks for inputs of up to `MAX_ROWS` rows, the float32
+    weight for wider ones."""
 
     def __init__(self, linear: nn.Linear, kind: str, fields: dict[str, Tensor], kernels: Kernels):
         super().__init__()
@@ -82,12 +89,16 @@ class BlockLinear(nn.Module):
         self.weight = linear.weight
         self.fields = [tiled(fields[name]) for name in ("qs", "d", "m") if name in fields]
         with torch.inference_mode():
-            self.matvec = kernels.get(kind, torch.zeros(1, linear.in_features), self.fields)
+            self.kernels = [
+                kernels.get(kind, torch.zeros(rows, linear.in_features), self.fields)
+                for rows in range(1, MAX_ROWS + 1)
+            ]
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[0] != 1:
+        rows = x.shape[0]
+        if not 0 < rows <= MAX_ROWS:
             return nn.functional.linear(x, self.weight)
-        return self.matvec(x.contiguous(), *self.fields)
+        return self.kernels[rows - 1](x.contiguous(), *self.fields)
 
 
 def usable(linear: nn.Linear, fields: dict[str, Tensor]) -> bool:

@@ -9,7 +9,7 @@ from safetensors import safe_open
 from torch import nn
 
 from meshpipe.models.config import ModelConfig
-from worker.blocks import BlockLinear, use_blocks
+from worker.blocks import MAX_ROWS, BlockLinear, use_blocks
 from worker.model import Span, Stage, StagePlan
 
 
@@ -43,7 +43,7 @@ def test_blocks_equal_the_float32_weights(default_model: Path) -> None:
 def build_stage(model_dir: Path, layers: tuple[int, int]) -> Stage:
     config = ModelConfig.from_dir(model_dir)
     with torch.device("meta"):
-        stage = Stage(config, StagePlan(*layers, config.num_layers, 2, 128))
+        stage = Stage(config, StagePlan(*layers, config.num_layers, 8, 128))
     stage = stage.to_empty(device="cpu")
     stage.load(model_dir)
     stage.reset_rope()
@@ -76,17 +76,38 @@ def test_a_stage_on_blocks_decodes_like_float32(default_model: Path) -> None:
     torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-3)
 
 
-def test_wide_inputs_keep_the_float32_weight(default_model: Path) -> None:
+def test_narrow_inputs_use_blocks_and_wide_ones_float32(default_model: Path) -> None:
     stage = build_stage(default_model, (28, 30))
     reference = stage.layers[0].mlp.down_proj.weight.clone()
     use_blocks(stage, default_model)
     down = stage.layers[0].mlp.down_proj
     assert isinstance(down, BlockLinear)
-    x = torch.randn(3, reference.shape[1])
+    x = torch.randn(MAX_ROWS + 1, reference.shape[1])
     with torch.inference_mode():
         assert torch.equal(down(x), nn.functional.linear(x, reference))
-        one = down(x[:1])
-    torch.testing.assert_close(one, nn.functional.linear(x[:1], reference), rtol=1e-4, atol=1e-4)
+        for rows in range(1, MAX_ROWS + 1):
+            expected = nn.functional.linear(x[:rows], reference)
+            torch.testing.assert_close(down(x[:rows]), expected, rtol=1e-4, atol=1e-4)
+        # a row's result does not depend on the rows beside it
+        assert torch.equal(down(x[:MAX_ROWS])[:1], down(x[:1]))
+
+
+def test_a_batch_of_sequences_decodes_like_float32(default_model: Path) -> None:
+    float32 = build_stage(default_model, (0, 30))
+    blocked = build_stage(default_model, (0, 30))
+    use_blocks(blocked, default_model)
+    prompts = [[1, 504, 3458, 282], [1, 42, 17, 99], [1, 7, 7, 7]][:MAX_ROWS]
+    with torch.inference_mode():
+        for stage in (float32, blocked):
+            for slot, prompt in enumerate(prompts):
+                stage(torch.tensor(prompt), [Span(slot, 0, len(prompt))], [len(prompt) - 1])
+        tokens = torch.tensor([p[-1] for p in prompts])
+        spans = [Span(slot, len(p), 1) for slot, p in enumerate(prompts)]
+        rows = list(range(len(prompts)))
+        expected = float32(tokens, spans, rows)
+        logits = blocked(tokens, spans, rows)
+    assert torch.equal(logits.argmax(-1), expected.argmax(-1))
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-3)
 
 
 def test_a_model_without_blocks_keeps_float32(tiny_model: Path) -> None:
