@@ -24,6 +24,9 @@ PROMPTS = [
 ]
 
 
+LONG_STORY = "Write a long story about a dragon who learns to bake bread."
+
+
 def complete(url: str, model: str, prompt: str, **fields) -> dict:
     body = {
         "model": model,
@@ -74,7 +77,8 @@ def slots_in_use(cluster: Cluster) -> tuple[int, list[int]]:
 def test_disconnect_frees_the_slot_everywhere(cluster: Cluster) -> None:
     body = {
         "model": cluster.model,
-        "messages": [{"role": "user", "content": "Tell me a long story."}],
+        # greedy, this prompt runs to max_tokens (a short answer could end before the check)
+        "messages": [{"role": "user", "content": LONG_STORY}],
         "max_tokens": 500,
         "temperature": 0,
         "stream": True,
