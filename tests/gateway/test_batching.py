@@ -86,13 +86,17 @@ def test_disconnect_frees_the_slot_everywhere(cluster: Cluster) -> None:
     with httpx.stream(
         "POST", f"{cluster.url}/v1/chat/completions", json=body, timeout=60
     ) as response:
-        chunks = 0
-        for line in response.iter_lines():
-            chunks += line.startswith("data: ")
-            if chunks == 4:
+        chunks: list[str] = []
+        # Held, so that leaving the loop does not close the generator (and with it the stream):
+        # the client must stay connected until the with-block ends.
+        lines = response.iter_lines()
+        for line in lines:
+            if line.startswith("data: "):
+                chunks.append(line)
+            if len(chunks) == 4:
                 break
         used, per_stage = slots_in_use(cluster)
-        assert used == 1
+        assert used == 1, (chunks, used, per_stage)
     closed = time.monotonic()
     while slots_in_use(cluster) != (0, [0, 0]):
         assert time.monotonic() - closed < 1.0, slots_in_use(cluster)
