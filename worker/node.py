@@ -30,7 +30,7 @@ from meshpipe.reach import GATEWAY_NODE_ID, Hop, dial
 from meshpipe.relay_link import RelayLink, RelayUnavailable, link_kind
 from meshpipe.wire import Frame, FrameError, Kind, error_frame
 from worker.batch import Batch, parse_batch
-from worker.blocks import Kernels, use_blocks
+from worker.blocks import MAX_ROWS, Kernels, use_blocks
 from worker.cuda_graphs import DecodeGraphs
 from worker.model import Stage, StagePlan
 from worker.sampling import sample
@@ -302,7 +302,11 @@ class WorkerNode:
         if self.settings.block_weights and self.settings.device == "cpu":
             swapped = use_blocks(stage, model_dir, self.kernels)
             if swapped:
-                log.info("%d layers run single-token steps on the model's GGUF blocks", swapped)
+                log.info(
+                    "%d projections run steps of up to %d rows on the GGUF blocks",
+                    swapped,
+                    MAX_ROWS,
+                )
         # One scratch slot for the padding rows of CUDA-graph batches.
         stage.allocate_cache(dtype, extra_slots=1 if self.settings.device == "cuda" else 0)
         return stage.eval()
