@@ -97,8 +97,10 @@ def start_cluster(
     ]
     process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 900
-    while "meshpipe is ready" not in log.read_text():
-        if process.poll() is not None or time.monotonic() > deadline:
+    while "meshpipe is ready" not in (text := log.read_text()):
+        failed = "could not load its layers" in text
+        if failed or process.poll() is not None or time.monotonic() > deadline:
+            process.terminate()
             raise SystemExit(f"cluster failed:\n{log.read_text()[-4000:]}")
         time.sleep(1)
     return process, f"http://127.0.0.1:{port}"

@@ -6,7 +6,8 @@ every one its range and next hop; the rest wait as standbys. When all report REA
 live: batches go to the first stage over its connection, and the last stage sends sampled
 tokens back over its own.
 
-Workers send STATUS several times a second; one silent for `HEARTBEAT_TIMEOUT` is gone. When a
+Workers send STATUS several times a second; one silent for `HEARTBEAT_TIMEOUT` is gone (one
+still loading its layers, for `LOADING_HEARTBEAT_TIMEOUT`). When a
 stage goes, the gateway rebuilds the route (a standby takes the lost range, or a new plan over
 the workers left) and the engine replays every running sequence on it. Only when no route can
 be built do streams end with an error and new requests get 503, until a worker joins.
@@ -36,6 +37,10 @@ log = logging.getLogger(__name__)
 # Workers report every 0.25 s: 1.5 s of silence is six missed reports (a SIGKILL is noticed in
 # under 2 s), yet a worker starved of CPU on a loaded machine is not declared dead.
 HEARTBEAT_TIMEOUT = 1.5
+# A worker loading its layers can hold its event loop for seconds (Triton compiling the CUDA
+# decode step holds the GIL): dropping it then makes it rejoin, be planned again and load twice.
+# Until it is READY it has as long as the QUIC idle timeout, which also notices a dead one.
+LOADING_HEARTBEAT_TIMEOUT = 30.0
 MONITOR_INTERVAL = 0.2
 # How long to wait for the planned number of workers before planning over fewer.
 JOIN_GRACE_SECONDS = 5.0
@@ -169,7 +174,9 @@ class Mesh:
             await asyncio.sleep(MONITOR_INTERVAL)
             now = time.monotonic()
             for worker in list(self.workers.values()):
-                if now - worker.last_seen > HEARTBEAT_TIMEOUT:
+                loading = worker.layers is not None and not worker.ready
+                limit = LOADING_HEARTBEAT_TIMEOUT if loading else HEARTBEAT_TIMEOUT
+                if now - worker.last_seen > limit:
                     self._lost(worker, "missed its heartbeats")
                     with contextlib.suppress(Exception):
                         worker.connection.close()

@@ -202,6 +202,34 @@ def test_no_route_left_ends_streams_then_recovers(manual: ManualMesh) -> None:
     assert {s["worker_id"] for s in manual.status()["stages"]} == {first["worker_id"], "gamma"}
 
 
+def test_a_worker_busy_loading_is_not_dropped(manual: ManualMesh) -> None:
+    """A worker whose event loop stalls while it loads (here: SIGSTOP for twice the heartbeat
+    timeout) is not declared gone: it finishes, and the route is the one first planned."""
+    manual.add_worker("alpha")
+    manual.add_worker("beta")
+
+    def loading() -> dict | None:
+        workers = manual.status()["pipeline"]["workers"]
+        return next((w for w in workers if w["layers"] and not w["ready"]), None)
+
+    wait_until(lambda: loading() is not None, 60, interval=0.02)
+    victim = loading()
+    assert victim is not None, "the load ended before the test could pause it"
+    os.kill(victim["pid"], signal.SIGSTOP)
+    try:
+        time.sleep(3.0)
+    finally:
+        os.kill(victim["pid"], signal.SIGCONT)
+    wait_until(lambda: manual.status()["pipeline"]["ready"], 60)
+    status = manual.status()
+    assert [e for e in status["pipeline"]["events"] if e["event"] == "left"] == []
+    assert {s["worker_id"] for s in status["stages"]} == {"alpha", "beta"}
+    answer = httpx.post(
+        f"{manual.url}/v1/chat/completions", json=request(manual.model(), 4), timeout=60
+    )
+    assert answer.status_code == 200
+
+
 def test_worker_joining_mid_load_gets_work(default_model: Path) -> None:
     """Three stages wanted, two workers: the route starts with two, and a third worker joining
     while streams run gets a share of the layers; every stream still completes unchanged."""
