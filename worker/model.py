@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch import Tensor, nn
-from torch.nn.attention.varlen import varlen_attn
 
 from meshpipe.models.config import ModelConfig
 
@@ -105,11 +104,8 @@ class Attention(nn.Module):
         out = torch.empty_like(q)  # [T, H, hd]
         if step.decode_rows is not None:
             out[step.decode_rows] = self._decode(q[step.decode_rows], step)
-        if step.packed is not None:
-            out[step.packed.rows] = self._prefill_packed(q[step.packed.rows], step.packed)
-        else:
-            for span, rows in step.prefill:
-                out[rows] = self._prefill(q[rows], span)
+        for span, rows in step.prefill:
+            out[rows] = self._prefill(q[rows], span)
         return self.o_proj(out.view(tokens, -1))
 
     def _decode(self, q: Tensor, step: StepInputs) -> Tensor:
@@ -124,24 +120,6 @@ class Attention(nn.Module):
             q.unsqueeze(2), keys, values, attn_mask=step.decode_mask, enable_gqa=True
         )  # [B, H, 1, hd]
         return out.squeeze(2)
-
-    def _prefill_packed(self, q: Tensor, packed: PackedPrefill) -> Tensor:
-        """Every prompt chunk of the step in one variable-length flash-attention call."""
-        assert self.kv_cache is not None
-        keys = self.kv_cache.k_cache[packed.key_slots, :, packed.key_positions]  # [Tk, kvh, hd]
-        values = self.kv_cache.v_cache[packed.key_slots, :, packed.key_positions]
-        # causal, aligned bottom-right: a chunk's queries are the last positions of its keys
-        return varlen_attn(
-            q,
-            keys,
-            values,
-            packed.cu_q,
-            packed.cu_k,
-            packed.max_q,
-            packed.max_k,
-            window_size=(-1, 0),
-            enable_gqa=True,
-        )
 
     def _prefill(self, q: Tensor, span: Span) -> Tensor:
         """A chunk of one sequence's prompt, attending to its cached prefix and itself."""
@@ -213,39 +191,6 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 @dataclass
-class PackedPrefill:
-    """The prompt chunks of a step laid end to end for one flash-attention call: their rows,
-    the (slot, position) of every key each attends to (its cached prefix and itself), and the
-    cumulative query and key lengths. On a GPU this replaces a loop of a dozen small kernels
-    per chunk and layer, which made a step of 64 short prompts take hundreds of milliseconds."""
-
-    rows: Tensor  # [Tq]
-    key_slots: Tensor  # [Tk]
-    key_positions: Tensor  # [Tk]
-    cu_q: Tensor  # [chunks + 1] int32
-    cu_k: Tensor  # [chunks + 1] int32
-    max_q: int
-    max_k: int
-
-    @classmethod
-    def of(cls, prefill: list[tuple[Span, slice]], device: torch.device) -> PackedPrefill:
-        rows, key_slots, key_positions, cu_q, cu_k = [], [], [], [0], [0]
-        for span, chunk in prefill:
-            end = span.start + span.length
-            rows.extend(range(chunk.start, chunk.stop))
-            key_slots.extend([span.slot] * end)
-            key_positions.extend(range(end))
-            cu_q.append(cu_q[-1] + span.length)
-            cu_k.append(cu_k[-1] + end)
-        indices = torch.tensor([rows, key_slots, key_positions], dtype=torch.long)
-        indices = indices.to(device, non_blocking=True)
-        offsets = torch.tensor([cu_q, cu_k], dtype=torch.int32).to(device, non_blocking=True)
-        max_q = max(span.length for span, _ in prefill)
-        max_k = max(span.start + span.length for span, _ in prefill)
-        return cls(*indices, *offsets, max_q, max_k)
-
-
-@dataclass
 class StepInputs:
     """What every layer of one step needs, computed once per step."""
 
@@ -258,7 +203,6 @@ class StepInputs:
     decode_mask: Tensor | None  # [B, 1, 1, L] True where a key may be attended
     prefill: list[tuple[Span, slice]]  # multi-token spans and their rows
     all_decode: bool = False  # every span is one token: no prefill, rows == decode rows
-    packed: PackedPrefill | None = None  # the prefill spans for one varlen call (CUDA, 16-bit)
 
 
 class Stage(nn.Module):
@@ -267,7 +211,6 @@ class Stage(nn.Module):
     def __init__(self, config: ModelConfig, plan: StagePlan) -> None:
         super().__init__()
         self.config, self.plan = config, plan
-        self.packed_prefill = False  # set by allocate_cache
         if plan.is_first:
             self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
@@ -293,16 +236,8 @@ class Stage(nn.Module):
             plan.max_seq_len,
             config.head_dim,
         )
-        device = self.inv_freq.device
         for layer in self.layers:
-            layer.self_attn.kv_cache = KVCache(shape, dtype, device)
-        # Flash attention's variable-length kernel: CUDA from sm80, 16-bit only (fp32 keeps the
-        # per-chunk loop, as the CPU does, where the chunks' compute outweighs their launches).
-        self.packed_prefill = (
-            device.type == "cuda"
-            and dtype in (torch.float16, torch.bfloat16)
-            and torch.cuda.get_device_capability(device) >= (8, 0)
-        )
+            layer.self_attn.kv_cache = KVCache(shape, dtype, self.inv_freq.device)
 
     def rotary(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """cos and sin `[T, hd]` of each token's position."""
@@ -332,8 +267,6 @@ class Stage(nn.Module):
             (span, slice(row, row + span.length)) for row, span in _rows(spans) if span.length > 1
         ]
         step = StepInputs(table[0], table[1], cos, sin, None, None, None, prefill)
-        if prefill and self.packed_prefill:
-            step.packed = PackedPrefill.of(prefill, device)
         if decode:
             lists = [
                 [r for r, _ in decode],
