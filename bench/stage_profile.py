@@ -65,11 +65,11 @@ def inputs(stage: Stage, batch: int) -> torch.Tensor:
 
 
 def time_graph(
-    stage: Stage, batch: int, context: int, repeats: int, compile: bool
+    graphs: DecodeGraphs, batch: int, context: int, repeats: int
 ) -> tuple[float, float, float]:
     """Median ms of a decode step replayed from the worker's CUDA graphs, the seconds the first
     step took (capture, and compilation), and the relative L2 error against the eager step."""
-    graphs = DecodeGraphs(stage, compile=compile)
+    stage = graphs.stage
     spans = [Span(slot, context - 1 - (slot * 7) % 64, 1) for slot in range(batch)]
     x = inputs(stage, batch)
     started = time.perf_counter()
@@ -131,11 +131,11 @@ def main(argv: list[str] | None = None) -> None:
     result: dict[str, Any] = {"command": " ".join(sys.argv), "gpu": torch.cuda.get_device_name()}
     result |= {"weight_bytes": nbytes, "layers": args.layers, "head": args.head, "steps": {}}
     for variant in args.variants.split(","):
+        # one DecodeGraphs for every batch, as a worker has: compilations and captures add up
+        graphs = DecodeGraphs(stage, compile=variant == "compiled")
         for batch in batches:
             with torch.inference_mode():
-                ms, first, error = time_graph(
-                    stage, batch, args.context, args.repeats, variant == "compiled"
-                )
+                ms, first, error = time_graph(graphs, batch, args.context, args.repeats)
             gbs = nbytes / ms / 1e6
             figures = {"ms": ms, "weight_GB_s": gbs, "first_step_s": first, "rel_error": error}
             result["steps"][f"{variant}/b{batch}"] = figures
