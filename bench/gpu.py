@@ -31,6 +31,7 @@ from typing import Any
 import httpx
 import torch
 
+from bench.environment import free_port
 from bench.serving import Prompt, stream_request, summarize
 from meshpipe.models.synth import synth
 
@@ -57,12 +58,6 @@ def copy_bandwidth(gib: int = 2, repeats: int = 20) -> float:
 
 def weight_bytes(model_dir: Path) -> int:
     return sum(path.stat().st_size for path in model_dir.glob("*.safetensors"))
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_cluster(

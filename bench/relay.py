@@ -35,7 +35,9 @@ from typing import Any
 
 import httpx
 
-from bench.transport import DatagramSizes, EchoServer, QuicLink, Replies, payload, percentile
+from bench.environment import free_port
+from bench.links import DatagramSizes, EchoServer, QuicLink, Replies
+from bench.transport import payload, percentile
 from meshpipe.identity import load_or_create_identity, new_join_token
 from meshpipe.quic import Dialer, bound_port, listen
 from meshpipe.relay_link import RelayLink
@@ -58,12 +60,6 @@ SERVER_ID = "bench-server"
 LAN_DATAGRAM = 1452 - ENVELOPE_OVERHEAD  # what a relayed link on Ethernet sends
 HOP_SIZES = (2304, 16 << 10)
 TRANSFER_SIZE = 16 << 20
-
-
-def free_port(kind: int) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # -- the server child --------------------------------------------------------------------------

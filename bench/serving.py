@@ -15,24 +15,29 @@ import datetime
 import json
 import math
 import os
-import platform
 import random
 import shlex
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import numpy as np
+
+from bench.environment import (
+    machine,
+    resolve_model_dir,
+    server_info,
+    source_revision,
+    started_cluster,
+)
+
+if TYPE_CHECKING:
+    from bench.hf_anchor import HFAnchor
 
 DEFAULT_URL = "http://127.0.0.1:9337"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -284,7 +289,7 @@ async def run_level(
         return list(results), time.perf_counter() - started
 
 
-def _percentiles(values: list[float], scale: float = 1000.0) -> dict[str, float | None]:
+def percentiles(values: list[float], scale: float = 1000.0) -> dict[str, float | None]:
     """p50, p99 and mean of `values` in ms (None when there are none)."""
     if not values:
         return {"p50": None, "p99": None, "mean": None}
@@ -321,9 +326,9 @@ def summarize(results: list[RequestResult], concurrency: int, duration: float) -
         "prompt_tokens_mean": round(float(np.mean([r.prompt_tokens for r in done] or [0])), 2),
         "output_tokens_mean": round(output_tokens / max(1, len(done)), 2),
         "stream_decode_tok_s_mean": round(float(np.mean(rates)), 2) if rates else None,
-        "ttft_ms": _percentiles([r.ttft for r in done]),
-        "itl_ms": _percentiles([gap for r in done for gap in r.itl]),
-        "latency_ms": _percentiles([r.latency for r in done]),
+        "ttft_ms": percentiles([r.ttft for r in done]),
+        "itl_ms": percentiles([gap for r in done for gap in r.itl]),
+        "latency_ms": percentiles([r.latency for r in done]),
         "per_request": [
             {key: getattr(r, key) for key in ("ok", "error", "prompt_tokens", "completion_tokens")}
             | {"chunks": r.chunks, "ttft_s": _round(r.ttft), "latency_s": _round(r.latency)}
@@ -357,220 +362,6 @@ def ratios(levels: list[dict[str, Any]], anchor: dict[str, Any] | None) -> dict[
             if ours:
                 out["single_stream_decode_over_hf"] = round(ours / anchor["decode_tok_s"], 2)
     return out
-
-
-class TokenClock:
-    """A transformers streamer that records when each new token is handed over."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self.calls = 0
-
-    def put(self, value: Any) -> None:
-        self.calls += 1
-        if self.calls > 1:  # the first put is the prompt
-            self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
-
-def hf_generate(
-    model: Any, ids: tuple[int, ...], max_new_tokens: int, eos: list[int]
-) -> RequestResult:
-    """One greedy transformers generate, batch 1, timed per token like a streamed request."""
-    import torch
-
-    clock, tokens = TokenClock(), torch.tensor([ids])
-    result = RequestResult(ok=True, prompt_tokens=len(ids), start=time.perf_counter())
-    with torch.inference_mode():
-        output = model.generate(
-            tokens,
-            attention_mask=torch.ones_like(tokens),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=eos,
-            pad_token_id=eos[0],
-            streamer=clock,
-        )
-    result.latency = time.perf_counter() - result.start
-    result.completion_tokens = output.shape[1] - len(ids)
-    result.ttft = clock.times[0] - result.start
-    result.itl = [later - earlier for earlier, later in pairwise(clock.times)]
-    return result
-
-
-class HFAnchor:
-    """transformers greedy generate on the same weights, batch 1, one prompt after the other.
-
-    Measured in rounds, one before the sweep and one after it, so that load drifting during the
-    run (a shared machine) shows as a spread between them; each round tries every torch thread
-    count asked for, and the fastest is the anchor: the ratios are against transformers at its
-    best here, not at a setting that collapses when the cores are oversubscribed."""
-
-    def __init__(self, model_dir: Path, output_tokens: int, threads: tuple[int, ...]) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        from meshpipe.models.config import ModelConfig
-
-        self.threads = tuple(dict.fromkeys(count or torch.get_num_threads() for count in threads))
-        self.eos = list(ModelConfig.from_dir(model_dir).eos_token_ids)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        self.output_tokens = output_tokens
-        self.rounds: dict[int, list[list[RequestResult]]] = {count: [] for count in self.threads}
-
-    def measure(self, prompts: list[Prompt]) -> None:
-        import torch
-
-        previous = torch.get_num_threads()  # a process-wide setting: give it back afterwards
-        try:
-            for count in self.threads if prompts else ():
-                torch.set_num_threads(count)
-                self._round(count, prompts)
-        finally:
-            torch.set_num_threads(previous)
-
-    def _round(self, count: int, prompts: list[Prompt]) -> None:
-        if not self.rounds[count]:
-            hf_generate(self.model, prompts[0].ids, 4, self.eos)  # warm-up
-        print(f"transformers anchor: {len(prompts)} requests, {count} threads", flush=True)
-        results = [hf_generate(self.model, p.ids, self.output_tokens, self.eos) for p in prompts]
-        self.rounds[count].append(results)
-
-    def summary(self) -> dict[str, Any]:
-        import torch
-        import transformers
-
-        by_threads = {
-            count: _anchor_figures([result for batch in rounds for result in batch])
-            | {"tok_s_per_round": [_anchor_figures(batch)["tok_s"] for batch in rounds]}
-            for count, rounds in self.rounds.items()
-        }
-        best = max(by_threads, key=lambda count: by_threads[count]["tok_s"])
-        return by_threads[best] | {
-            "kind": "hf",
-            "what": "transformers generate, greedy, batch 1, sequential, float32",
-            "transformers": transformers.__version__,
-            "torch": torch.__version__,
-            "torch_threads": best,
-            "by_threads": {str(count): figures for count, figures in by_threads.items()},
-        }
-
-
-def _anchor_figures(results: list[RequestResult]) -> dict[str, Any]:
-    tokens = sum(r.completion_tokens for r in results)
-    seconds = sum(r.latency for r in results)
-    decode = [(r.completion_tokens - 1, r.latency - r.ttft) for r in results]
-    return {
-        "requests": len(results),
-        "output_tokens": tokens,
-        "output_tokens_mean": round(tokens / len(results), 2),
-        "tok_s": round(tokens / seconds, 2),
-        "decode_tok_s": round(sum(n for n, _ in decode) / sum(s for _, s in decode), 2),
-        "ttft_ms": _percentiles([r.ttft for r in results]),
-        "itl_ms": _percentiles([gap for r in results for gap in r.itl]),
-    }
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextmanager
-def started_cluster(settings: BenchSettings, model: str, timeout: float = 600) -> Iterator[str]:
-    """`meshpipe auto` on free loopback ports for the length of the run; yields its URL."""
-    port = free_port()
-    command = [sys.executable, "-m", "meshpipe", "auto", "--model", model]
-    command += ["--stages", str(settings.stages), "--slots", str(settings.slots)]
-    command += ["--port", str(port), "--mesh-port", str(free_port(socket.SOCK_DGRAM))]
-    with tempfile.NamedTemporaryFile("w+", prefix="meshpipe-bench-", suffix=".log") as log:
-        env = os.environ | {"PYTHONUNBUFFERED": "1"}
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-        try:
-            _wait_ready(process, Path(log.name), timeout)
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            _stop(process)
-
-
-def _wait_ready(process: subprocess.Popen, log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while "meshpipe is ready" not in log.read_text():
-        if process.poll() is not None or time.monotonic() > deadline:
-            tail = "".join(log.read_text().splitlines(keepends=True)[-20:])
-            raise SystemExit(f"error: `meshpipe auto` did not become ready:\n{tail}")
-        time.sleep(0.2)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM (auto stops its children), then SIGKILL the process group if it lingers."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-
-def resolve_model_dir(spec: str | None) -> Path | None:
-    """The local HF-layout directory of `spec` (catalog name, directory or .gguf), if any."""
-    from meshpipe.models.catalog import ModelError, resolve
-
-    if spec is None:
-        return None
-    try:
-        return resolve(spec, True)
-    except ModelError as error:
-        print(f"note: no local model for {spec!r} ({error}); prompt lengths are approximate")
-        return None
-
-
-def machine() -> dict[str, Any]:
-    """What the figures depend on: the CPUs (shared by the client, the stages and the anchor)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
-    names = [line for line in lines if line.startswith("model name")]
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "cpu_model": names[0].split(":", 1)[1].strip() if names else platform.processor(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "load_average_at_start": [round(value, 2) for value in os.getloadavg()],
-    }
-
-
-def source_revision() -> dict[str, Any]:
-    """The commit the benchmark ran from and the files changed since (figures belong to code)."""
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*arguments: str) -> str:
-        found = subprocess.run(["git", *arguments], cwd=root, capture_output=True, text=True)
-        return found.stdout.rstrip() if found.returncode == 0 else ""
-
-    changed = git("status", "--porcelain", "--untracked-files=no").splitlines()
-    return {"commit": git("rev-parse", "HEAD") or None, "modified": [line[3:] for line in changed]}
-
-
-def server_info(url: str, model: str | None) -> dict[str, Any]:
-    """The served model name (first of /v1/models unless given) and the pipeline's stages."""
-    with httpx.Client(base_url=url, timeout=30) as client:
-        name = model or client.get("/v1/models").json()["data"][0]["id"]
-        try:
-            status = client.get("/api/status").json()
-            stages = [
-                {key: stage.get(key) for key in ("index", "layers", "worker_id", "device", "dtype")}
-                for stage in status.get("stages", [])
-            ]
-        except (httpx.HTTPError, ValueError):
-            stages = []  # not a meshpipe gateway: the benchmark works against any OpenAI server
-    return {"url": url, "model": name, "stages": stages}
 
 
 async def sweep(
@@ -643,6 +434,8 @@ def _anchor(settings: BenchSettings, model_dir: Path | None) -> HFAnchor | None:
         return None
     if model_dir is None:
         raise SystemExit("error: --anchor hf needs the model locally (--model-dir)")
+    from bench.hf_anchor import HFAnchor  # transformers, a test-only dependency: on demand
+
     return HFAnchor(model_dir, settings.output_tokens, settings.anchor_threads)
 
 
@@ -660,7 +453,7 @@ def _cluster_or_url(settings: BenchSettings, spec: str | None) -> Iterator[str]:
     from meshpipe.models.catalog import DEFAULT_MODEL
 
     print(f"starting `meshpipe auto` with {settings.stages} stages", flush=True)
-    with started_cluster(settings, spec or DEFAULT_MODEL) as url:
+    with started_cluster(spec or DEFAULT_MODEL, settings.stages, settings.slots) as url:
         yield url
 
 
