@@ -6,7 +6,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 from sse_starlette import EventSourceResponse
@@ -22,11 +22,12 @@ from gateway.errors import APIError, InvalidRequest, MethodNotAllowed, ModelNotF
 from gateway.ledger import Ledger
 from gateway.mesh import Mesh
 from gateway.metrics import Metrics
-from gateway.protocol import ChatCompletionRequest
-from gateway.service import ChatService
+from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
+from gateway.service import ChatService, Completion
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 MAX_BODY_BYTES = 8 << 20
+Parsed = TypeVar("Parsed", bound=SamplingRequest)
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ def _validation_error(error: ValidationError) -> InvalidRequest:
     return InvalidRequest(f"{param}: {first['msg']}" if param else first["msg"], param)
 
 
-async def _parse_chat_request(request: Request) -> ChatCompletionRequest:
+async def _parse(request: Request, kind: type[Parsed]) -> Parsed:
     body = await request.body()
     if len(body) > MAX_BODY_BYTES:
         raise InvalidRequest(f"request body larger than {MAX_BODY_BYTES} bytes")
@@ -88,16 +89,26 @@ async def _parse_chat_request(request: Request) -> ChatCompletionRequest:
     if not isinstance(payload, dict):
         raise InvalidRequest("request body must be a JSON object")
     try:
-        return ChatCompletionRequest.model_validate(payload)
+        return kind.model_validate(payload)
     except ValidationError as error:
         raise _validation_error(error) from None
 
 
 async def chat_completions(request: Request) -> Response:
-    chat_request = await _parse_chat_request(request)
+    chat_request = await _parse(request, ChatCompletionRequest)
     service = _state(request).model(chat_request.model).service
-    completion = service.start(chat_request)
-    if not chat_request.stream:
+    return await _respond(service, service.start(chat_request), chat_request.stream)
+
+
+async def completions(request: Request) -> Response:
+    """The legacy text completion, which many tools and benchmarks still speak."""
+    text_request = await _parse(request, CompletionRequest)
+    service = _state(request).model(text_request.model).service
+    return await _respond(service, service.start_text(text_request), text_request.stream)
+
+
+async def _respond(service: ChatService, completion: Completion, stream: bool) -> Response:
+    if not stream:
         return JSONResponse(await service.complete(completion))
 
     async def events():
@@ -110,13 +121,20 @@ async def chat_completions(request: Request) -> Response:
     return EventSourceResponse(events(), ping=15)
 
 
+def _model_object(state: GatewayState, name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": int(state.started), "owned_by": "meshpipe"}
+
+
 async def models(request: Request) -> Response:
     state = _state(request)
-    data = [
-        {"id": name, "object": "model", "created": int(state.started), "owned_by": "meshpipe"}
-        for name in state.models
-    ]
+    data = [_model_object(state, name) for name in state.models]
     return JSONResponse({"object": "list", "data": data})
+
+
+async def model(request: Request) -> Response:
+    state = _state(request)
+    name = state.model(request.path_params["name"]).name
+    return JSONResponse(_model_object(state, name))
 
 
 async def health(request: Request) -> Response:
@@ -191,7 +209,9 @@ def build_app(state: GatewayState) -> Starlette:
     """The gateway's Starlette application."""
     routes = [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models/{name:path}", model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/api/status", status, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),

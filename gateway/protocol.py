@@ -1,10 +1,10 @@
-"""The OpenAI chat-completions request, validated at the HTTP boundary (pydantic)."""
+"""The OpenAI completion requests (chat and legacy text), validated at the HTTP boundary."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MAX_STOP_SEQUENCES = 4
 
@@ -31,16 +31,14 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
-    """Fields meshpipe honours; other OpenAI fields are accepted and ignored."""
+class SamplingRequest(BaseModel):
+    """What both completion endpoints share; other OpenAI fields are accepted and ignored."""
 
     model_config = ConfigDict(extra="allow")
 
     model: str
-    messages: Annotated[list[Message], Field(min_length=1)]
     stream: bool = False
     max_tokens: Annotated[int, Field(gt=0)] | None = None
-    max_completion_tokens: Annotated[int, Field(gt=0)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     top_k: Annotated[int, Field(ge=0)] | None = None
@@ -63,7 +61,51 @@ class ChatCompletionRequest(BaseModel):
         return list(self.stop or [])
 
     def token_limit(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
+        return self.max_tokens
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(SamplingRequest):
+    """`POST /v1/chat/completions`: messages rendered through the model's chat template."""
+
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_completion_tokens: Annotated[int, Field(gt=0)] | None = None
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(SamplingRequest):
+    """`POST /v1/completions`: one prompt (text, or token ids) continued as it is, no template.
+
+    As OpenAI's, `max_tokens` defaults to 16 and `echo` puts the prompt before the answer.
+    One prompt per request; `logprobs` and `suffix` are refused rather than ignored."""
+
+    prompt: str | list[int]
+    max_tokens: Annotated[int, Field(gt=0)] | None = 16
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt(cls, value: Any) -> str | list[int]:
+        if isinstance(value, list) and value and all(isinstance(item, str) for item in value):
+            if len(value) > 1:
+                raise ValueError("one prompt per request")
+            value = value[0]
+        is_ids = isinstance(value, list) and all(type(item) is int for item in value)
+        if not (isinstance(value, str) or is_ids):
+            raise ValueError("the prompt must be a string or a list of token ids")
+        if not value:
+            raise ValueError("the prompt must not be empty")
+        return value
+
+    @field_validator("logprobs", "suffix")
+    @classmethod
+    def _unsupported(cls, value: int | str | None, info: ValidationInfo) -> None:
+        if value:
+            raise ValueError(f"{info.field_name} is not supported")
+        return None

@@ -74,7 +74,9 @@ async def load_model(spec: str, settings: GatewaySettings, metrics: Metrics) -> 
     mesh = Mesh(engine, str(model_dir), config, settings.stages)
     name = settings.served_name if len(settings.models) == 1 and settings.served_name else ""
     name = name or served_name(spec, model_dir)
-    return ServedModel(name, ChatService(name, engine, sampling_defaults(model_dir)), mesh)
+    return ServedModel(
+        name, ChatService(name, engine, sampling_defaults(model_dir), config.vocab_size), mesh
+    )
 
 
 def sampling_defaults(model_dir: Path) -> dict[str, float]:

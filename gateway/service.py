@@ -1,4 +1,8 @@
-"""Chat completions: request -> prompt -> engine -> OpenAI response objects or stream chunks."""
+"""Completions: request -> prompt -> engine -> OpenAI response objects or stream chunks.
+
+Chat completions render their messages through the model's chat template; text completions
+(the legacy `/v1/completions`) continue their prompt as it is. Both share the engine, the
+sampling fields and the streaming; only the objects' shapes differ."""
 
 from __future__ import annotations
 
@@ -10,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.engine import Delta, Engine, GenerationParams, Sequence
-from gateway.errors import ContextTooLong
-from gateway.protocol import ChatCompletionRequest
+from gateway.errors import ContextTooLong, InvalidRequest
+from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
 
 
 @dataclass
@@ -23,17 +27,24 @@ class Completion:
     created: int
     sequence: Sequence
     include_usage: bool
+    chat: bool = True
+    """A chat completion; else a text completion."""
+    echo: str = ""
+    """The prompt's text, which a text completion with `echo` puts before its answer."""
 
-    def chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+    def chunk(self, text: str | None, finish_reason: str | None = None) -> dict[str, Any]:
+        """A stream chunk carrying `text` (None: none, as in the final chunk)."""
+        if self.chat:
+            choice = {"index": 0, "delta": {} if text is None else {"content": text}}
+        else:
+            choice = {"index": 0, "text": text or ""}
         return {
             "id": self.completion_id,
-            "object": "chat.completion.chunk",
+            "object": "chat.completion.chunk" if self.chat else "text_completion",
             "created": self.created,
             "model": self.model,
             "system_fingerprint": None,
-            "choices": [
-                {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-            ],
+            "choices": [choice | {"logprobs": None, "finish_reason": finish_reason}],
         }
 
     def usage(self) -> dict[str, int]:
@@ -49,18 +60,45 @@ class ChatService:
     """Serves one model name through one engine."""
 
     def __init__(
-        self, model_name: str, engine: Engine, defaults: dict[str, float] | None = None
+        self,
+        model_name: str,
+        engine: Engine,
+        defaults: dict[str, float] | None = None,
+        vocab_size: int | None = None,
     ) -> None:
         self.model_name = model_name
         self.engine = engine
         # Sampling defaults for fields a request leaves out: the model's generation_config,
         # else OpenAI's (temperature 1, top_p 1).
         self.defaults = {"temperature": 1.0, "top_p": 1.0, "top_k": 0} | (defaults or {})
+        self.vocab_size = vocab_size or engine.chat.tokenizer.get_vocab_size()
 
     def start(self, request: ChatCompletionRequest) -> Completion:
         """Validate against the model and context, then queue in the engine."""
         messages = [{"role": m.role, "content": m.text()} for m in request.messages]
         prompt = self.engine.chat.encode_chat(messages)
+        return self._submit(request, prompt, "messages", f"chatcmpl-{uuid.uuid4().hex[:24]}")
+
+    def start_text(self, request: CompletionRequest) -> Completion:
+        """A text completion: the prompt's tokens (or the ids given) continued as they are."""
+        if isinstance(request.prompt, str):
+            prompt = self.engine.chat.tokenizer.encode(request.prompt).ids
+        else:
+            prompt = request.prompt
+            if not all(0 <= token < self.vocab_size for token in prompt):
+                raise InvalidRequest(f"token ids must lie in [0, {self.vocab_size})", "prompt")
+        if not prompt:
+            raise InvalidRequest("the prompt has no tokens", "prompt")
+        completion = self._submit(request, prompt, "prompt", f"cmpl-{uuid.uuid4().hex[:24]}")
+        completion.chat = False
+        if request.echo:
+            text = request.prompt
+            completion.echo = text if isinstance(text, str) else self.engine.chat.decode(text)
+        return completion
+
+    def _submit(
+        self, request: SamplingRequest, prompt: list[int], field: str, completion_id: str
+    ) -> Completion:
         context = self.engine.settings.max_seq_len
         room = context - len(prompt)
         limit = request.token_limit()
@@ -68,8 +106,8 @@ class ChatService:
             wanted = len(prompt) + (limit or 1)
             raise ContextTooLong(
                 f"This model's maximum context length is {context} tokens; the request needs "
-                f"{wanted} ({len(prompt)} in the messages, {limit or 1} to generate)",
-                "max_tokens" if limit is not None and room > 0 else "messages",
+                f"{wanted} ({len(prompt)} in the {field}, {limit or 1} to generate)",
+                "max_tokens" if limit is not None and room > 0 else field,
             )
         params = GenerationParams(
             max_tokens=limit or room,
@@ -79,7 +117,6 @@ class ChatService:
             seed=random.getrandbits(62) if request.seed is None else request.seed,
             stops=tuple(request.stop_sequences()),
         )
-        completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         sequence = self.engine.submit(completion_id, prompt, params)
         return Completion(
             completion_id, request.model, int(time.time()), sequence, request.include_usage()
@@ -102,48 +139,50 @@ class ChatService:
                 self.engine.cancel(sequence)
 
     async def stream(self, completion: Completion) -> AsyncIterator[dict[str, Any]]:
-        """OpenAI chunks: the role first, then content, then the finish reason (and usage)."""
-        yield completion.chunk({"role": "assistant", "content": ""})
+        """OpenAI chunks: the role first (chat) or the echoed prompt (text, with `echo`), then
+        the text, then the finish reason (and usage)."""
+        if completion.chat:
+            first = completion.chunk("")
+            first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+            yield first
+        elif completion.echo:
+            yield completion.chunk(completion.echo)
         async for delta in self.deltas(completion):
             if delta.error is not None:
                 yield delta.error.body()
                 return
             if delta.text:
-                yield completion.chunk({"content": delta.text})
+                yield completion.chunk(delta.text)
             if delta.finish_reason is not None:
-                final = completion.chunk({}, delta.finish_reason)
-                final["usage"] = None
+                final = completion.chunk(None, delta.finish_reason)
                 if completion.include_usage:
-                    yield final
-                    usage = completion.chunk({})
+                    final["usage"] = None
+                yield final
+                if completion.include_usage:
+                    usage = completion.chunk(None)
                     usage["choices"] = []
                     usage["usage"] = completion.usage()
                     yield usage
-                else:
-                    del final["usage"]
-                    yield final
 
     async def complete(self, completion: Completion) -> dict[str, Any]:
-        """The whole answer as one chat.completion object."""
+        """The whole answer as one chat.completion or text_completion object."""
         parts, finish_reason = [], None
         async for delta in self.deltas(completion):
             if delta.error is not None:
                 raise delta.error
             parts.append(delta.text)
             finish_reason = delta.finish_reason
+        text = "".join(parts)
+        if completion.chat:
+            choice = {"message": {"role": "assistant", "content": text, "refusal": None}}
+        else:
+            choice = {"text": completion.echo + text}
         return {
             "id": completion.completion_id,
-            "object": "chat.completion",
+            "object": "chat.completion" if completion.chat else "text_completion",
             "created": completion.created,
             "model": completion.model,
             "system_fingerprint": None,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": "".join(parts), "refusal": None},
-                    "logprobs": None,
-                    "finish_reason": finish_reason,
-                }
-            ],
+            "choices": [{"index": 0} | choice | {"logprobs": None, "finish_reason": finish_reason}],
             "usage": completion.usage(),
         }

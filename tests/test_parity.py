@@ -27,11 +27,15 @@ MAX_TOKENS = 24
 
 def reference(model_dir: Path, prompt: str, max_tokens: int) -> tuple[str, int]:
     """transformers greedy generation on the same weights: (text, number of tokens)."""
+    ids = ChatFormat(model_dir).encode_chat([{"role": "user", "content": prompt}])
+    return reference_ids(model_dir, ids, max_tokens)
+
+
+def reference_ids(model_dir: Path, ids: list[int], max_tokens: int) -> tuple[str, int]:
+    """transformers greedy generation continuing the token ids `ids`: (text, token count)."""
     from transformers import AutoModelForCausalLM
 
-    chat = ChatFormat(model_dir)
     config = ModelConfig.from_dir(model_dir)
-    ids = chat.encode_chat([{"role": "user", "content": prompt}])
     model = _hf_model(model_dir, AutoModelForCausalLM)
     with torch.inference_mode():
         output = model.generate(
@@ -47,7 +51,7 @@ def reference(model_dir: Path, prompt: str, max_tokens: int) -> tuple[str, int]:
         if token in config.eos_token_ids:
             new = new[: index + 1]
             break
-    return chat.decode(new), len(new)
+    return ChatFormat(model_dir).decode(new), len(new)
 
 
 _models: dict[Path, object] = {}

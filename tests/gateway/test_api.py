@@ -11,7 +11,9 @@ import openai
 import pytest
 from openai import OpenAI
 
+from gateway.text import ChatFormat
 from tests.cluster import Cluster
+from tests.test_parity import reference_ids
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -263,3 +265,100 @@ def test_sampling_defaults_come_from_the_model(default_model) -> None:
     assert sampling_defaults(default_model) == expected
     if not os.environ.get("MESHPIPE_TEST_MODEL_DIR"):  # freshly pulled: the catalog's defaults
         assert expected == {"temperature": 0.2, "top_p": 0.9}
+
+
+# -- the legacy text completion and the model object ------------------------------------------
+
+PROMPT = "The capital of France is"
+
+
+def test_text_completion_equals_transformers(
+    client: OpenAI, cluster: Cluster, default_model
+) -> None:
+    """A text completion continues the prompt as it is (no chat template): greedy, it is
+    transformers' greedy continuation of the same tokens; token ids give the same answer."""
+    ids = ChatFormat(default_model).tokenizer.encode(PROMPT).ids
+    expected, count = reference_ids(default_model, ids, 12)
+    answer = client.completions.create(
+        model=cluster.model, prompt=PROMPT, max_tokens=12, temperature=0
+    )
+    assert answer.object == "text_completion" and answer.id.startswith("cmpl-")
+    assert answer.choices[0].text == expected
+    assert answer.usage.prompt_tokens == len(ids) and answer.usage.completion_tokens == count
+    by_ids = client.completions.create(
+        model=cluster.model, prompt=ids, max_tokens=12, temperature=0
+    )
+    assert by_ids.choices[0].text == expected
+    echoed = client.completions.create(
+        model=cluster.model, prompt=[PROMPT], max_tokens=12, temperature=0, echo=True
+    )
+    assert echoed.choices[0].text == PROMPT + expected
+    default = client.completions.create(model=cluster.model, prompt=PROMPT, temperature=0)
+    assert default.usage.completion_tokens <= 16  # OpenAI's default max_tokens for completions
+
+
+def test_text_completion_streaming(client: OpenAI, cluster: Cluster) -> None:
+    stream = client.completions.create(
+        model=cluster.model,
+        prompt=PROMPT,
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+        echo=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert all(chunk.object == "text_completion" for chunk in chunks)
+    assert chunks[0].choices[0].text == PROMPT  # the echo comes first
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    whole = client.completions.create(
+        model=cluster.model, prompt=PROMPT, max_tokens=6, temperature=0, echo=True
+    )
+    assert text == whole.choices[0].text
+
+
+BAD_COMPLETIONS = [
+    ("no prompt", {"model": "M"}, 400, "prompt"),
+    ("two prompts", {"model": "M", "prompt": ["a", "b"]}, 400, "prompt"),
+    ("empty prompt", {"model": "M", "prompt": ""}, 400, "prompt"),
+    ("prompt not text or ids", {"model": "M", "prompt": [1, "a"]}, 400, "prompt"),
+    ("token id out of range", {"model": "M", "prompt": [1, 10**9]}, 400, "prompt"),
+    ("negative token id", {"model": "M", "prompt": [-1]}, 400, "prompt"),
+    ("logprobs", {"model": "M", "prompt": PROMPT, "logprobs": 2}, 400, "logprobs"),
+    ("suffix", {"model": "M", "prompt": PROMPT, "suffix": "end"}, 400, "suffix"),
+    ("max_tokens 0", {"model": "M", "prompt": PROMPT, "max_tokens": 0}, 400, "max_tokens"),
+    ("n 2", {"model": "M", "prompt": PROMPT, "n": 2}, 400, "n"),
+    ("context exceeded", {"model": "M", "prompt": PROMPT, "max_tokens": 10**5}, 400, "max_tokens"),
+    ("unknown model", {"model": "gpt-9", "prompt": PROMPT}, 404, "model"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "status", "param"), BAD_COMPLETIONS, ids=[b[0] for b in BAD_COMPLETIONS]
+)
+def test_bad_text_completion(cluster: Cluster, name, body, status, param) -> None:
+    url = f"{cluster.url}/v1/completions"
+    if body.get("model") == "M":
+        body = body | {"model": cluster.model}
+    response = httpx.post(url, json=body, timeout=60)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param
+    if name.startswith("context"):
+        assert error["code"] == "context_length_exceeded"
+    good = httpx.post(
+        url, json={"model": cluster.model, "prompt": PROMPT, "max_tokens": 2}, timeout=60
+    )
+    assert good.status_code == 200, good.text
+
+
+def test_model_object(client: OpenAI, cluster: Cluster) -> None:
+    model = client.models.retrieve(cluster.model)
+    assert model.id == cluster.model and model.object == "model"
+    with pytest.raises(openai.NotFoundError) as raised:
+        client.models.retrieve("gpt-9")
+    assert raised.value.body["code"] == "model_not_found"
