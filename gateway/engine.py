@@ -19,6 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -51,6 +52,8 @@ class GenerationParams:
     top_k: int = 0
     seed: int = 0
     stops: tuple[str, ...] = ()
+    logprobs: int | None = None
+    """None: no log-probabilities; else each token's, and this many likeliest alternatives."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,25 @@ class Delta:
     tokens: int = 0
     finish_reason: str | None = None
     error: APIError | None = None
+    logprob: TokenLogprob | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log-probability, and the likeliest tokens' (id, log-probability)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+    @classmethod
+    def from_wire(cls, token: int, value: Any) -> TokenLogprob | None:
+        """From a TOKENS frame's `[logprob, [[id, logprob], ...]]`; None if malformed."""
+        try:
+            chosen, top = value
+            return cls(token, float(chosen), tuple((int(i), float(v)) for i, v in top))
+        except (TypeError, ValueError):
+            return None
 
 
 @dataclass(eq=False)
@@ -238,7 +260,8 @@ class Engine:
             if entry.sampled:
                 p = sequence.params
                 seed = sequence.token_seed(sequence.length)
-                sample.append([index, p.temperature, p.top_p, p.top_k, seed])
+                logprobs = -1 if p.logprobs is None else p.logprobs
+                sample.append([index, p.temperature, p.top_p, p.top_k, seed, logprobs])
             sequence.in_flight = True
         meta = {"spans": spans, "sample": sample, "requests": requests, "timings": []}
         self.in_flight[batch_id] = entries
@@ -254,6 +277,8 @@ class Engine:
             return  # a batch of a pipeline that has since been replaced
         self._record_timings(meta, entries)
         sampled = iter(tokens.tolist())
+        logprobs = meta.get("logprobs")
+        logprobs = iter(logprobs if isinstance(logprobs, list) else [])
         for entry in entries:
             sequence = entry.sequence
             sequence.in_flight = False
@@ -261,13 +286,15 @@ class Engine:
             if sequence.cancelled:
                 self._retire(sequence)
             elif entry.sampled:
-                self._accept(sequence, next(sampled))
+                token = next(sampled)
+                logprob = TokenLogprob.from_wire(token, next(logprobs, None))
+                self._accept(sequence, token, logprob)
         self.metrics.batches_in_flight.set(len(self.in_flight))
         # The next step leaves now, before any stream task runs: the stages compute while
         # the event loop turns tokens into SSE chunks.
         self.fill()
 
-    def _accept(self, sequence: Sequence, token: int) -> None:
+    def _accept(self, sequence: Sequence, token: int, logprob: TokenLogprob | None) -> None:
         now = time.monotonic()
         if sequence.first_token_at is None:
             sequence.first_token_at = now
@@ -286,10 +313,10 @@ class Engine:
             if reason == "length":
                 text += sequence.stop.flush()
             sequence.finish_reason = reason
-            sequence.events.put_nowait(Delta(text, 1, reason))
+            sequence.events.put_nowait(Delta(text, 1, reason, logprob=logprob))
             self._retire(sequence)
         else:
-            sequence.events.put_nowait(Delta(text, 1))
+            sequence.events.put_nowait(Delta(text, 1, logprob=logprob))
 
     def _finish_reason(self, sequence: Sequence, token: int, stopped: bool) -> str | None:
         if stopped or token in self.eos_ids:

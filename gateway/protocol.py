@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MAX_STOP_SEQUENCES = 4
+MAX_TOP_LOGPROBS = 20  # chat's top_logprobs, as OpenAI's
+MAX_COMPLETION_LOGPROBS = 5  # the text completion's logprobs, as OpenAI's
 
 
 class TextPart(BaseModel):
@@ -66,15 +68,31 @@ class SamplingRequest(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def logprob_count(self) -> int | None:
+        """None: no log-probabilities; else how many likeliest alternatives each token has."""
+        return None
+
 
 class ChatCompletionRequest(SamplingRequest):
     """`POST /v1/chat/completions`: messages rendered through the model's chat template."""
 
     messages: Annotated[list[Message], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(gt=0)] | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return value
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(SamplingRequest):
@@ -86,7 +104,7 @@ class CompletionRequest(SamplingRequest):
     prompt: str | list[int]
     max_tokens: Annotated[int, Field(gt=0)] | None = 16
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: Annotated[int, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = None
     suffix: str | None = None
 
     @field_validator("prompt", mode="before")
@@ -103,9 +121,19 @@ class CompletionRequest(SamplingRequest):
             raise ValueError("the prompt must not be empty")
         return value
 
-    @field_validator("logprobs", "suffix")
+    @field_validator("logprobs")
     @classmethod
-    def _unsupported(cls, value: int | str | None, info: ValidationInfo) -> None:
+    def _logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("echo"):
+            raise ValueError("logprobs of the prompt (with echo) are not supported")
+        return value
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, value: str | None) -> None:
         if value:
-            raise ValueError(f"{info.field_name} is not supported")
+            raise ValueError("suffix is not supported")
         return None
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.engine import Delta, Engine, GenerationParams, Sequence
+from gateway.engine import Delta, Engine, GenerationParams, Sequence, TokenLogprob
 from gateway.errors import ContextTooLong, InvalidRequest
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
 
@@ -31,6 +31,8 @@ class Completion:
     """A chat completion; else a text completion."""
     echo: str = ""
     """The prompt's text, which a text completion with `echo` puts before its answer."""
+    emitted: int = 0
+    """Characters of text sent so far (a text completion's `text_offset`)."""
 
     def chunk(self, text: str | None, finish_reason: str | None = None) -> dict[str, Any]:
         """A stream chunk carrying `text` (None: none, as in the final chunk)."""
@@ -116,6 +118,7 @@ class ChatService:
             top_k=int(self._field(request.top_k, "top_k")),
             seed=random.getrandbits(62) if request.seed is None else request.seed,
             stops=tuple(request.stop_sequences()),
+            logprobs=request.logprob_count(),
         )
         sequence = self.engine.submit(completion_id, prompt, params)
         return Completion(
@@ -140,19 +143,25 @@ class ChatService:
 
     async def stream(self, completion: Completion) -> AsyncIterator[dict[str, Any]]:
         """OpenAI chunks: the role first (chat) or the echoed prompt (text, with `echo`), then
-        the text, then the finish reason (and usage)."""
+        the text (with each token's log-probabilities, if asked), then the finish reason (and
+        usage)."""
         if completion.chat:
             first = completion.chunk("")
             first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
             yield first
         elif completion.echo:
             yield completion.chunk(completion.echo)
+        completion.emitted = len(completion.echo)
         async for delta in self.deltas(completion):
             if delta.error is not None:
                 yield delta.error.body()
                 return
-            if delta.text:
-                yield completion.chunk(delta.text)
+            if delta.text or delta.logprob:
+                chunk = completion.chunk(delta.text)
+                if delta.logprob:
+                    chunk["choices"][0]["logprobs"] = self._logprobs(completion, [delta])
+                completion.emitted += len(delta.text)
+                yield chunk
             if delta.finish_reason is not None:
                 final = completion.chunk(None, delta.finish_reason)
                 if completion.include_usage:
@@ -166,23 +175,64 @@ class ChatService:
 
     async def complete(self, completion: Completion) -> dict[str, Any]:
         """The whole answer as one chat.completion or text_completion object."""
-        parts, finish_reason = [], None
+        deltas: list[Delta] = []
         async for delta in self.deltas(completion):
             if delta.error is not None:
                 raise delta.error
-            parts.append(delta.text)
-            finish_reason = delta.finish_reason
-        text = "".join(parts)
+            deltas.append(delta)
+        text = "".join(delta.text for delta in deltas)
         if completion.chat:
             choice = {"message": {"role": "assistant", "content": text, "refusal": None}}
         else:
             choice = {"text": completion.echo + text}
+            completion.emitted = len(completion.echo)
+        logprobs = None
+        if completion.sequence.params.logprobs is not None:
+            logprobs = self._logprobs(completion, deltas)
         return {
             "id": completion.completion_id,
             "object": "chat.completion" if completion.chat else "text_completion",
             "created": completion.created,
             "model": completion.model,
             "system_fingerprint": None,
-            "choices": [{"index": 0} | choice | {"logprobs": None, "finish_reason": finish_reason}],
+            "choices": [
+                {"index": 0}
+                | choice
+                | {"logprobs": logprobs, "finish_reason": deltas[-1].finish_reason}
+            ],
             "usage": completion.usage(),
         }
+
+    # -- log-probabilities -----------------------------------------------------------------
+
+    def _logprobs(self, completion: Completion, deltas: list[Delta]) -> dict[str, Any]:
+        """The `logprobs` of a choice for these deltas' tokens, in the shape of its endpoint:
+        chat's `content` entries, or the text completion's parallel lists."""
+        pairs = [(delta, delta.logprob) for delta in deltas if delta.logprob is not None]
+        if completion.chat:
+            return {"content": [self._chat_entry(logprob) for _, logprob in pairs], "refusal": None}
+        tokens, offsets, offset = [], [], completion.emitted
+        for delta, logprob in pairs:
+            tokens.append(self._token_text(logprob.token))
+            offsets.append(offset)
+            offset += len(delta.text)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [logprob.logprob for _, logprob in pairs],
+            "top_logprobs": [
+                {self._token_text(token): value for token, value in logprob.top}
+                for _, logprob in pairs
+            ],
+            "text_offset": offsets,
+        }
+
+    def _chat_entry(self, logprob: TokenLogprob) -> dict[str, Any]:
+        def entry(token: int, value: float) -> dict[str, Any]:
+            text = self._token_text(token)
+            return {"token": text, "logprob": value, "bytes": list(text.encode())}
+
+        top = [entry(token, value) for token, value in logprob.top]
+        return entry(logprob.token, logprob.logprob) | {"top_logprobs": top}
+
+    def _token_text(self, token: int) -> str:
+        return self.engine.chat.tokenizer.decode([token], skip_special_tokens=False)

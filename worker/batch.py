@@ -15,12 +15,12 @@ from torch import Tensor
 
 from meshpipe.wire import Frame, FrameError, Kind
 from worker.model import Span, StagePlan
-from worker.sampling import SamplingParams
+from worker.sampling import MAX_LOGPROBS, SamplingParams
 
 MAX_SPANS = 4096
 
 
-@dataclass(frozen=True)
+@dataclass
 class Batch:
     """A validated micro-batch."""
 
@@ -30,6 +30,7 @@ class Batch:
     sampling: list[SamplingParams]
     inputs: Tensor
     meta: dict
+    logprobs: list | None = None  # on the last stage, for the sampled rows that asked
 
     @property
     def num_tokens(self) -> int:
@@ -79,9 +80,9 @@ def parse_sampling(meta: dict, num_spans: int) -> tuple[list[int], list[Sampling
         raise FrameError("bad_batch", "sample must be a list")
     indices, params = [], []
     for entry in raw:
-        if not (isinstance(entry, list) and len(entry) == 5):
+        if not (isinstance(entry, list) and len(entry) == 6):
             raise FrameError(
-                "bad_batch", "a sample entry is [span, temperature, top_p, top_k, seed]"
+                "bad_batch", "a sample entry is [span, temperature, top_p, top_k, seed, logprobs]"
             )
         index = entry[0]
         if not isinstance(index, int) or not 0 <= index < num_spans:
@@ -90,7 +91,8 @@ def parse_sampling(meta: dict, num_spans: int) -> tuple[list[int], list[Sampling
             param = SamplingParams.from_wire(entry[1:])
         except (TypeError, ValueError):
             raise FrameError("bad_batch", "sampling values must be numbers") from None
-        if not (0 <= param.temperature <= 100 and 0 < param.top_p <= 1 and param.top_k >= 0):
+        values_ok = 0 <= param.temperature <= 100 and 0 < param.top_p <= 1 and param.top_k >= 0
+        if not (values_ok and -1 <= param.logprobs <= MAX_LOGPROBS):
             raise FrameError("bad_batch", "sampling values out of range")
         indices.append(index)
         params.append(param)

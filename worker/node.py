@@ -33,7 +33,7 @@ from worker.batch import Batch, parse_batch
 from worker.blocks import MAX_ROWS, Kernels, use_blocks
 from worker.cuda_graphs import DecodeGraphs
 from worker.model import Stage, StagePlan
-from worker.sampling import sample
+from worker.sampling import sample, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -365,7 +365,8 @@ class WorkerNode:
         else:
             output = self.stage(inputs, batch.spans, batch.sample_rows())
         if self.stage.plan.is_last:
-            output = sample(output, batch.sampling)
+            logits, output = output, sample(output, batch.sampling)
+            batch.logprobs = token_logprobs(logits, output, batch.sampling)
         return self._to_host(output)
 
     def _to_host(self, output: torch.Tensor) -> torch.Tensor:
@@ -387,7 +388,10 @@ class WorkerNode:
         timings = (timings if isinstance(timings, list) else [])[:64] + [self.step_seconds]
         batch.meta["timings"] = timings
         if self.stage.plan.is_last:
-            self.gateway.send(Frame(Kind.TOKENS, batch.batch_id, {"timings": timings}, result))
+            meta = {"timings": timings}
+            if batch.logprobs is not None:
+                meta["logprobs"] = batch.logprobs
+            self.gateway.send(Frame(Kind.TOKENS, batch.batch_id, meta, result))
             return
         if self.next_stage is None or self.next_stage.closed:
             raise FrameError("no_next_stage", "the next stage is not connected")

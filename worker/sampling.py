@@ -1,4 +1,5 @@
-"""Per-sequence sampling on the last stage: greedy, temperature, top-k, top-p, seeded."""
+"""Per-sequence sampling on the last stage: greedy, temperature, top-k, top-p, seeded; and, for
+the sequences that ask, the log-probabilities of the model's distribution (before temperature)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+MAX_LOGPROBS = 20  # as OpenAI's top_logprobs
 
 
 @dataclass(frozen=True)
@@ -17,14 +20,16 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
+    logprobs: int = -1
+    """-1: none; else the sampled token's log-probability and the `logprobs` likeliest."""
 
     @classmethod
     def from_wire(cls, values: list) -> SamplingParams:
-        temperature, top_p, top_k, seed = values
-        return cls(float(temperature), float(top_p), int(top_k), int(seed))
+        temperature, top_p, top_k, seed, logprobs = values
+        return cls(float(temperature), float(top_p), int(top_k), int(seed), int(logprobs))
 
     def to_wire(self) -> list:
-        return [self.temperature, self.top_p, self.top_k, self.seed]
+        return [self.temperature, self.top_p, self.top_k, self.seed, self.logprobs]
 
 
 def sample(logits: Tensor, params: list[SamplingParams]) -> Tensor:
@@ -50,3 +55,22 @@ def _sample_row(logits: Tensor, param: SamplingParams) -> Tensor:
     generator = torch.Generator(device="cpu").manual_seed(param.seed)
     probabilities = scores.softmax(-1).cpu()
     return torch.multinomial(probabilities, 1, generator=generator)[0].to(logits.device)
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor, params: list[SamplingParams]) -> list | None:
+    """Per sampled row: None, or `[logprob of its token, [[id, logprob], ...] likeliest first]`
+    from the model's own distribution (log-softmax of the logits); None if no row asks."""
+    rows = [row for row, param in enumerate(params) if param.logprobs >= 0]
+    if not rows:
+        return None
+    result: list = [None] * len(params)
+    scores = logits[rows].float().log_softmax(-1)
+    chosen = scores.gather(1, tokens[rows].view(-1, 1).to(scores.device)).view(-1).tolist()
+    most = max(params[row].logprobs for row in rows)
+    values, ids = scores.topk(most, dim=-1) if most else (scores[:, :0], scores[:, :0].long())
+    values, ids = values.tolist(), ids.tolist()
+    for index, row in enumerate(rows):
+        count = params[row].logprobs
+        top = [list(pair) for pair in zip(ids[index][:count], values[index][:count], strict=True)]
+        result[row] = [chosen[index], top]
+    return result

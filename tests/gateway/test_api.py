@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from collections.abc import Iterator
 
 import httpx
 import openai
@@ -192,6 +193,20 @@ BAD_REQUESTS = [
     ("top_p > 1", {"model": "M", "messages": QUESTION, "top_p": 1.5}, None, 400, "top_p"),
     ("unknown model", {"model": "gpt-9", "messages": QUESTION}, None, 404, "model"),
     (
+        "top_logprobs without logprobs",
+        {"model": "M", "messages": QUESTION, "top_logprobs": 2},
+        None,
+        400,
+        "top_logprobs",
+    ),
+    (
+        "top_logprobs over 20",
+        {"model": "M", "messages": QUESTION, "logprobs": True, "top_logprobs": 21},
+        None,
+        400,
+        "top_logprobs",
+    ),
+    (
         "context exceeded",
         {"model": "M", "messages": QUESTION, "max_tokens": 100000},
         None,
@@ -327,7 +342,13 @@ BAD_COMPLETIONS = [
     ("prompt not text or ids", {"model": "M", "prompt": [1, "a"]}, 400, "prompt"),
     ("token id out of range", {"model": "M", "prompt": [1, 10**9]}, 400, "prompt"),
     ("negative token id", {"model": "M", "prompt": [-1]}, 400, "prompt"),
-    ("logprobs", {"model": "M", "prompt": PROMPT, "logprobs": 2}, 400, "logprobs"),
+    ("logprobs over 5", {"model": "M", "prompt": PROMPT, "logprobs": 6}, 400, "logprobs"),
+    (
+        "logprobs of an echoed prompt",
+        {"model": "M", "prompt": PROMPT, "echo": True, "logprobs": 1},
+        400,
+        "logprobs",
+    ),
     ("suffix", {"model": "M", "prompt": PROMPT, "suffix": "end"}, 400, "suffix"),
     ("max_tokens 0", {"model": "M", "prompt": PROMPT, "max_tokens": 0}, 400, "max_tokens"),
     ("n 2", {"model": "M", "prompt": PROMPT, "n": 2}, 400, "n"),
@@ -362,3 +383,73 @@ def test_model_object(client: OpenAI, cluster: Cluster) -> None:
     with pytest.raises(openai.NotFoundError) as raised:
         client.models.retrieve("gpt-9")
     assert raised.value.body["code"] == "model_not_found"
+
+
+# -- log-probabilities -------------------------------------------------------------------------
+
+
+def hf_greedy_logprobs(model_dir, prompt: list[int], count: int) -> Iterator[tuple[int, float]]:
+    """transformers' greedy tokens after `prompt`, each with its log-probability."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_parity import _hf_model
+
+    model = _hf_model(model_dir, AutoModelForCausalLM)
+    ids = list(prompt)
+    with torch.inference_mode():
+        for _ in range(count):
+            scores = model(torch.tensor([ids])).logits[0, -1].float().log_softmax(-1)
+            ids.append(int(scores.argmax()))
+            yield ids[-1], scores[ids[-1]].item()
+
+
+def test_chat_logprobs_equal_transformers(client: OpenAI, cluster: Cluster, default_model) -> None:
+    """Each token's log-probability is the model's (log-softmax of its logits): equal to
+    transformers' on the same weights; greedy, the token is the likeliest of its alternatives."""
+    answer = client.chat.completions.create(
+        model=cluster.model,
+        messages=QUESTION,
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    entries = answer.choices[0].logprobs.content
+    assert len(entries) == answer.usage.completion_tokens == 6
+    assert "".join(entry.token for entry in entries) == answer.choices[0].message.content
+    chat = ChatFormat(default_model)
+    expected = list(hf_greedy_logprobs(default_model, chat.encode_chat(QUESTION), 6))
+    for entry, (token, value) in zip(entries, expected, strict=True):
+        assert entry.token == chat.tokenizer.decode([token])
+        assert abs(entry.logprob - value) < 1e-3, (entry, value)
+        assert len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].token == entry.token
+        assert entry.top_logprobs[0].logprob == entry.logprob
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+    plain = client.chat.completions.create(
+        model=cluster.model, messages=QUESTION, max_tokens=6, temperature=0
+    )
+    assert plain.choices[0].logprobs is None
+    assert plain.choices[0].message.content == answer.choices[0].message.content
+
+
+def test_text_completion_logprobs_streamed(client: OpenAI, cluster: Cluster) -> None:
+    stream = client.completions.create(
+        model=cluster.model, prompt=PROMPT, max_tokens=5, temperature=0, logprobs=2, stream=True
+    )
+    chunks = [chunk for chunk in stream if chunk.choices and chunk.choices[0].logprobs]
+    text = "".join(chunk.choices[0].text for chunk in chunks)
+    tokens = [token for chunk in chunks for token in chunk.choices[0].logprobs.tokens]
+    offsets = [offset for chunk in chunks for offset in chunk.choices[0].logprobs.text_offset]
+    assert len(tokens) == 5 and "".join(tokens) == text
+    assert offsets == [sum(len(token) for token in tokens[:i]) for i in range(5)]
+    whole = client.completions.create(
+        model=cluster.model, prompt=PROMPT, max_tokens=5, temperature=0, logprobs=2
+    )
+    logprobs = whole.choices[0].logprobs
+    assert logprobs.tokens == tokens and whole.choices[0].text == text
+    for token, value, top in zip(
+        logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs, strict=True
+    ):
+        assert value <= 0 and len(top) == 2 and max(top, key=top.get) == token

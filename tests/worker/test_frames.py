@@ -101,10 +101,13 @@ BAD_BATCHES = {
     "wrong hidden size": batch({"spans": [[0, 0, 1]]}, torch.zeros(1, 100)),
     "wrong dtype": batch({"spans": [[0, 0, 1]]}, torch.zeros(1, 576, dtype=torch.float16)),
     "sample of a missing span": batch(
-        {"spans": [[0, 0, 1]], "sample": [[5, 0, 1, 0, 0]]}, torch.zeros(1, 576)
+        {"spans": [[0, 0, 1]], "sample": [[5, 0, 1, 0, 0, -1]]}, torch.zeros(1, 576)
+    ),
+    "logprobs out of range": batch(
+        {"spans": [[0, 0, 1]], "sample": [[0, 0, 1, 0, 0, 99]]}, torch.zeros(1, 576)
     ),
     "bad sampling values": batch(
-        {"spans": [[0, 0, 1]], "sample": [[0, -1, 7, 0, 0]]}, torch.zeros(1, 576)
+        {"spans": [[0, 0, 1]], "sample": [[0, -1, 7, 0, 0, -1]]}, torch.zeros(1, 576)
     ),
 }
 
