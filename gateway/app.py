@@ -74,7 +74,8 @@ def _state(request: Request) -> GatewayState:
 
 def _validation_error(error: ValidationError) -> InvalidRequest:
     first = error.errors()[0]
-    param = ".".join(str(part) for part in first["loc"]) or None
+    # a whole-request check names its field in its context (see protocol's UNHONOURED)
+    param = ".".join(str(part) for part in first["loc"]) or first.get("ctx", {}).get("name")
     return InvalidRequest(f"{param}: {first['msg']}" if param else first["msg"], param)
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_STOP_SEQUENCES = 4
 MAX_TOP_LOGPROBS = 20  # chat's top_logprobs, as OpenAI's
@@ -29,12 +30,28 @@ class Message(BaseModel):
         return "".join(part.text for part in self.content)
 
 
+# Fields meshpipe does not implement, with the values that ask for nothing (accepted).
+UNHONOURED = {
+    "tools": lambda value: not value,
+    "functions": lambda value: not value,
+    "tool_choice": lambda value: value in (None, "none"),
+    "function_call": lambda value: value in (None, "none"),
+    "response_format": lambda value: (
+        value is None or (isinstance(value, dict) and value.get("type") == "text")
+    ),
+    "logit_bias": lambda value: not value,
+    "frequency_penalty": lambda value: value in (None, 0),
+    "presence_penalty": lambda value: value in (None, 0),
+}
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
 class SamplingRequest(BaseModel):
-    """What both completion endpoints share; other OpenAI fields are accepted and ignored."""
+    """What both completion endpoints share. Other OpenAI fields are accepted and ignored
+    (`user`, `metadata`, ...), except those that would change the answer (`UNHONOURED`)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -58,6 +75,18 @@ class SamplingRequest(BaseModel):
         if any(not stop for stop in stops):
             raise ValueError("stop sequences must not be empty")
         return stops
+
+    @model_validator(mode="after")
+    def _unsupported_fields(self) -> SamplingRequest:
+        """Fields that change what is generated are refused when meshpipe cannot honour them,
+        rather than ignored: a client asking for tools or JSON would get plain text."""
+        extra = self.model_extra or {}
+        for name, honoured in UNHONOURED.items():
+            if name in extra and not honoured(extra[name]):
+                raise PydanticCustomError(
+                    "unsupported", "not supported by meshpipe", {"name": name}
+                )
+        return self
 
     def stop_sequences(self) -> list[str]:
         return list(self.stop or [])

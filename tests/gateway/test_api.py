@@ -193,6 +193,27 @@ BAD_REQUESTS = [
     ("top_p > 1", {"model": "M", "messages": QUESTION, "top_p": 1.5}, None, 400, "top_p"),
     ("unknown model", {"model": "gpt-9", "messages": QUESTION}, None, 404, "model"),
     (
+        "tools",
+        {"model": "M", "messages": QUESTION, "tools": [{"type": "function", "function": {}}]},
+        None,
+        400,
+        "tools",
+    ),
+    (
+        "json mode",
+        {"model": "M", "messages": QUESTION, "response_format": {"type": "json_object"}},
+        None,
+        400,
+        "response_format",
+    ),
+    (
+        "presence penalty",
+        {"model": "M", "messages": QUESTION, "presence_penalty": 0.5},
+        None,
+        400,
+        "presence_penalty",
+    ),
+    (
         "top_logprobs without logprobs",
         {"model": "M", "messages": QUESTION, "top_logprobs": 2},
         None,
@@ -453,3 +474,22 @@ def test_text_completion_logprobs_streamed(client: OpenAI, cluster: Cluster) -> 
         logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs, strict=True
     ):
         assert value <= 0 and len(top) == 2 and max(top, key=top.get) == token
+
+
+def test_neutral_values_of_unimplemented_fields_are_accepted(
+    client: OpenAI, cluster: Cluster
+) -> None:
+    """What many clients send by default asks for nothing meshpipe lacks: it is served."""
+    answer = client.chat.completions.create(
+        model=cluster.model,
+        messages=QUESTION,
+        max_tokens=2,
+        tools=[],
+        tool_choice="none",
+        response_format={"type": "text"},
+        presence_penalty=0,
+        frequency_penalty=0,
+        logit_bias={},
+        user="someone",
+    )
+    assert answer.choices[0].finish_reason == "length"
