@@ -176,19 +176,28 @@ class Engine:
 
     # -- requests --------------------------------------------------------------------------
 
-    def submit(self, request_id: str, prompt: list[int], params: GenerationParams) -> Sequence:
-        """Queue a request; 503 without a pipeline, 429 when the queue is full."""
+    def submit_all(
+        self, request_id: str, prompt: list[int], choices: list[GenerationParams]
+    ) -> list[Sequence]:
+        """Queue one sequence per choice of a request, all or none: 503 without a pipeline,
+        429 when they do not all fit in the queue."""
         if not self.available:
             raise Unavailable("no pipeline is serving this model right now; retry shortly")
-        if len(self.waiting) >= self.settings.max_waiting:
+        if len(self.waiting) + len(choices) > self.settings.max_waiting:
             raise Overloaded("the request queue is full; retry later")
-        sequence = Sequence(
-            request_id, prompt, params, Detokenizer(self.chat), StopMatcher(list(params.stops))
+        ids = (
+            [request_id]
+            if len(choices) == 1
+            else [f"{request_id}-{i}" for i in range(len(choices))]
         )
-        self.waiting.append(sequence)
+        sequences = [
+            Sequence(name, prompt, params, Detokenizer(self.chat), StopMatcher(list(params.stops)))
+            for name, params in zip(ids, choices, strict=True)
+        ]
+        self.waiting.extend(sequences)
         self._update_gauges()
         self.wakeup.set()
-        return sequence
+        return sequences
 
     def cancel(self, sequence: Sequence) -> None:
         """The client went away: free the slot now, or when its batch comes back."""

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from pydantic_core import PydanticCustomError
 
 MAX_STOP_SEQUENCES = 4
+MAX_CHOICES = 8  # n: each choice is a sequence of its own in a KV slot
 MAX_TOP_LOGPROBS = 20  # chat's top_logprobs, as OpenAI's
 MAX_COMPLETION_LOGPROBS = 5  # the text completion's logprobs, as OpenAI's
 
@@ -63,7 +64,7 @@ class SamplingRequest(BaseModel):
     top_k: Annotated[int, Field(ge=0)] | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: Annotated[int, Field(ge=1, le=1)] | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] | None = None
     stream_options: StreamOptions | None = None
 
     @field_validator("stop")

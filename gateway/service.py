@@ -6,11 +6,12 @@ sampling fields and the streaming; only the objects' shapes differ."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gateway.engine import Delta, Engine, GenerationParams, Sequence, TokenLogprob
@@ -20,26 +21,26 @@ from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingR
 
 @dataclass
 class Completion:
-    """A request accepted by the engine, with what its responses need."""
+    """A request accepted by the engine, with what its responses need: one sequence per choice."""
 
     completion_id: str
     model: str
     created: int
-    sequence: Sequence
+    sequences: list[Sequence]
     include_usage: bool
     chat: bool = True
     """A chat completion; else a text completion."""
     echo: str = ""
     """The prompt's text, which a text completion with `echo` puts before its answer."""
-    emitted: int = 0
-    """Characters of text sent so far (a text completion's `text_offset`)."""
+    emitted: list[int] = field(default_factory=list)
+    """Characters of text sent so far, per choice (a text completion's `text_offset`)."""
 
-    def chunk(self, text: str | None, finish_reason: str | None = None) -> dict[str, Any]:
-        """A stream chunk carrying `text` (None: none, as in the final chunk)."""
+    def chunk(self, index: int, text: str | None, finish_reason: str | None = None) -> dict:
+        """A stream chunk of choice `index` carrying `text` (None: none, as in the final one)."""
         if self.chat:
-            choice = {"index": 0, "delta": {} if text is None else {"content": text}}
+            choice = {"index": index, "delta": {} if text is None else {"content": text}}
         else:
-            choice = {"index": 0, "text": text or ""}
+            choice = {"index": index, "text": text or ""}
         return {
             "id": self.completion_id,
             "object": "chat.completion.chunk" if self.chat else "text_completion",
@@ -50,7 +51,8 @@ class Completion:
         }
 
     def usage(self) -> dict[str, int]:
-        prompt, completion = len(self.sequence.prompt), len(self.sequence.generated)
+        prompt = len(self.sequences[0].prompt)
+        completion = sum(len(sequence.generated) for sequence in self.sequences)
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
@@ -120,98 +122,120 @@ class ChatService:
             stops=tuple(request.stop_sequences()),
             logprobs=request.logprob_count(),
         )
-        sequence = self.engine.submit(completion_id, prompt, params)
+        # Choices differ by seed (a seeded request stays reproducible, choice by choice).
+        choices = [replace(params, seed=params.seed + index) for index in range(request.n or 1)]
+        sequences = self.engine.submit_all(completion_id, prompt, choices)
         return Completion(
-            completion_id, request.model, int(time.time()), sequence, request.include_usage()
+            completion_id, request.model, int(time.time()), sequences, request.include_usage()
         )
 
     def _field(self, value: float | None, name: str) -> float:
         return self.defaults[name] if value is None else value
 
-    async def deltas(self, completion: Completion) -> AsyncIterator[Delta]:
-        """The engine's deltas until the sequence finishes; cancels it if the caller leaves."""
-        sequence = completion.sequence
-        try:
+    async def deltas(self, completion: Completion) -> AsyncIterator[tuple[int, Delta]]:
+        """(choice, delta) from the engine until every choice has finished, or one failed;
+        whatever is unfinished is cancelled when the caller leaves (a client disconnect)."""
+        merged: asyncio.Queue[tuple[int, Delta]] = asyncio.Queue()
+
+        async def forward(index: int, sequence: Sequence) -> None:
             while True:
                 delta = await sequence.events.get()
-                yield delta
+                merged.put_nowait((index, delta))
                 if delta.finish_reason is not None or delta.error is not None:
                     return
+
+        sequences = completion.sequences
+        tasks = [asyncio.create_task(forward(i, s)) for i, s in enumerate(sequences)]
+        try:
+            running = len(sequences)
+            while running:
+                index, delta = await merged.get()
+                yield index, delta
+                if delta.error is not None:
+                    return
+                running -= delta.finish_reason is not None
         finally:
-            if not sequence.finished:
-                self.engine.cancel(sequence)
+            for task in tasks:
+                task.cancel()
+            for sequence in sequences:
+                if not sequence.finished:
+                    self.engine.cancel(sequence)
 
     async def stream(self, completion: Completion) -> AsyncIterator[dict[str, Any]]:
-        """OpenAI chunks: the role first (chat) or the echoed prompt (text, with `echo`), then
-        the text (with each token's log-probabilities, if asked), then the finish reason (and
-        usage)."""
-        if completion.chat:
-            first = completion.chunk("")
-            first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-            yield first
-        elif completion.echo:
-            yield completion.chunk(completion.echo)
-        completion.emitted = len(completion.echo)
-        async for delta in self.deltas(completion):
+        """OpenAI chunks: each choice's role first (chat) or its echoed prompt (text, with
+        `echo`), then the text as it comes (with each token's log-probabilities, if asked),
+        then each choice's finish reason, and at the end the usage if asked."""
+        choices = range(len(completion.sequences))
+        completion.emitted = [len(completion.echo)] * len(choices)
+        for index in choices:
+            if completion.chat:
+                first = completion.chunk(index, "")
+                first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+                yield first
+            elif completion.echo:
+                yield completion.chunk(index, completion.echo)
+        async for index, delta in self.deltas(completion):
             if delta.error is not None:
                 yield delta.error.body()
                 return
             if delta.text or delta.logprob:
-                chunk = completion.chunk(delta.text)
+                chunk = completion.chunk(index, delta.text)
                 if delta.logprob:
-                    chunk["choices"][0]["logprobs"] = self._logprobs(completion, [delta])
-                completion.emitted += len(delta.text)
+                    logprobs = self._logprobs(completion, index, [delta])
+                    chunk["choices"][0]["logprobs"] = logprobs
+                completion.emitted[index] += len(delta.text)
                 yield chunk
             if delta.finish_reason is not None:
-                final = completion.chunk(None, delta.finish_reason)
+                final = completion.chunk(index, None, delta.finish_reason)
                 if completion.include_usage:
                     final["usage"] = None
                 yield final
-                if completion.include_usage:
-                    usage = completion.chunk(None)
-                    usage["choices"] = []
-                    usage["usage"] = completion.usage()
-                    yield usage
+        if completion.include_usage:
+            usage = completion.chunk(0, None)
+            usage["choices"] = []
+            usage["usage"] = completion.usage()
+            yield usage
 
     async def complete(self, completion: Completion) -> dict[str, Any]:
         """The whole answer as one chat.completion or text_completion object."""
-        deltas: list[Delta] = []
-        async for delta in self.deltas(completion):
+        deltas: list[list[Delta]] = [[] for _ in completion.sequences]
+        async for index, delta in self.deltas(completion):
             if delta.error is not None:
                 raise delta.error
-            deltas.append(delta)
-        text = "".join(delta.text for delta in deltas)
-        if completion.chat:
-            choice = {"message": {"role": "assistant", "content": text, "refusal": None}}
-        else:
-            choice = {"text": completion.echo + text}
-            completion.emitted = len(completion.echo)
-        logprobs = None
-        if completion.sequence.params.logprobs is not None:
-            logprobs = self._logprobs(completion, deltas)
+            deltas[index].append(delta)
+        completion.emitted = [len(completion.echo)] * len(deltas)
+        choices = [self._choice(completion, index, part) for index, part in enumerate(deltas)]
         return {
             "id": completion.completion_id,
             "object": "chat.completion" if completion.chat else "text_completion",
             "created": completion.created,
             "model": completion.model,
             "system_fingerprint": None,
-            "choices": [
-                {"index": 0}
-                | choice
-                | {"logprobs": logprobs, "finish_reason": deltas[-1].finish_reason}
-            ],
+            "choices": choices,
             "usage": completion.usage(),
         }
 
+    def _choice(self, completion: Completion, index: int, deltas: list[Delta]) -> dict:
+        text = "".join(delta.text for delta in deltas)
+        if completion.chat:
+            body = {"message": {"role": "assistant", "content": text, "refusal": None}}
+        else:
+            body = {"text": completion.echo + text}
+        logprobs = None
+        if completion.sequences[index].params.logprobs is not None:
+            logprobs = self._logprobs(completion, index, deltas)
+        finish_reason = deltas[-1].finish_reason
+        return {"index": index} | body | {"logprobs": logprobs, "finish_reason": finish_reason}
+
     # -- log-probabilities -----------------------------------------------------------------
 
-    def _logprobs(self, completion: Completion, deltas: list[Delta]) -> dict[str, Any]:
+    def _logprobs(self, completion: Completion, index: int, deltas: list[Delta]) -> dict:
         """The `logprobs` of a choice for these deltas' tokens, in the shape of its endpoint:
         chat's `content` entries, or the text completion's parallel lists."""
         pairs = [(delta, delta.logprob) for delta in deltas if delta.logprob is not None]
         if completion.chat:
             return {"content": [self._chat_entry(logprob) for _, logprob in pairs], "refusal": None}
-        tokens, offsets, offset = [], [], completion.emitted
+        tokens, offsets, offset = [], [], completion.emitted[index]
         for delta, logprob in pairs:
             tokens.append(self._token_text(logprob.token))
             offsets.append(offset)

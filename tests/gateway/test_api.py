@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -372,7 +373,7 @@ BAD_COMPLETIONS = [
     ),
     ("suffix", {"model": "M", "prompt": PROMPT, "suffix": "end"}, 400, "suffix"),
     ("max_tokens 0", {"model": "M", "prompt": PROMPT, "max_tokens": 0}, 400, "max_tokens"),
-    ("n 2", {"model": "M", "prompt": PROMPT, "n": 2}, 400, "n"),
+    ("n over 8", {"model": "M", "prompt": PROMPT, "n": 9}, 400, "n"),
     ("context exceeded", {"model": "M", "prompt": PROMPT, "max_tokens": 10**5}, 400, "max_tokens"),
     ("unknown model", {"model": "gpt-9", "prompt": PROMPT}, 404, "model"),
 ]
@@ -493,3 +494,67 @@ def test_neutral_values_of_unimplemented_fields_are_accepted(
         user="someone",
     )
     assert answer.choices[0].finish_reason == "length"
+
+
+# -- several choices (n) -----------------------------------------------------------------------
+
+
+def test_several_choices(client: OpenAI, cluster: Cluster) -> None:
+    """Choice i of a seeded request is the request with seed + i alone; usage adds them up."""
+    sampled = {"temperature": 1.0, "seed": 7, "max_tokens": 8}
+    many = client.chat.completions.create(model=cluster.model, messages=QUESTION, n=3, **sampled)
+    assert [choice.index for choice in many.choices] == [0, 1, 2]
+    alone = [
+        client.chat.completions.create(
+            model=cluster.model, messages=QUESTION, **(sampled | {"seed": 7 + index})
+        )
+        for index in range(3)
+    ]
+    assert [c.message.content for c in many.choices] == [
+        a.choices[0].message.content for a in alone
+    ]
+    assert many.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    assert many.usage.prompt_tokens == alone[0].usage.prompt_tokens
+    greedy = client.completions.create(
+        model=cluster.model, prompt=PROMPT, n=2, max_tokens=6, temperature=0
+    )
+    single = client.completions.create(
+        model=cluster.model, prompt=PROMPT, max_tokens=6, temperature=0
+    )
+    assert [c.text for c in greedy.choices] == [single.choices[0].text] * 2
+
+
+def test_several_choices_streamed_and_left(client: OpenAI, cluster: Cluster) -> None:
+    stream = client.chat.completions.create(
+        model=cluster.model,
+        messages=QUESTION,
+        n=2,
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    texts, finals, chunks = ["", ""], [], list(stream)
+    for chunk in chunks[:-1]:
+        choice = chunk.choices[0]
+        texts[choice.index] += choice.delta.content or ""
+        if choice.finish_reason:
+            finals.append(choice.index)
+    whole = client.chat.completions.create(
+        model=cluster.model, messages=QUESTION, max_tokens=6, temperature=0
+    )
+    assert texts == [whole.choices[0].message.content] * 2
+    assert sorted(finals) == [0, 1]
+    assert chunks[-1].usage.completion_tokens == 2 * whole.usage.completion_tokens
+    # a client that leaves mid-stream frees both choices' slots
+    body = {"model": cluster.model, "messages": QUESTION, "n": 2, "max_tokens": 400, "stream": True}
+    with httpx.stream(
+        "POST", f"{cluster.url}/v1/chat/completions", json=body, timeout=60
+    ) as response:
+        lines = response.iter_lines()
+        first = next(line for line in lines if '"content":"' in line and '"content":""' not in line)
+        assert cluster.status()["engine"]["slots_used"] == 2, first
+    left = time.monotonic()
+    while cluster.status()["engine"]["slots_used"]:
+        assert time.monotonic() - left < 2.0, cluster.status()["engine"]
+        time.sleep(0.05)
