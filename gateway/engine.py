@@ -16,7 +16,7 @@ import asyncio
 import itertools
 import math
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +54,8 @@ class GenerationParams:
     stops: tuple[str, ...] = ()
     logprobs: int | None = None
     """None: no log-probabilities; else each token's, and this many likeliest alternatives."""
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -260,7 +262,7 @@ class Engine:
         assert self.pipeline is not None
         batch_id = next(self.batch_ids)
         ids: list[int] = []
-        spans, sample, requests = [], [], {}
+        spans, sample, requests, penalties = [], [], {}, []
         for index, entry in enumerate(entries):
             sequence = entry.sequence
             ids += sequence.next_inputs(entry.length)
@@ -271,8 +273,14 @@ class Engine:
                 seed = sequence.token_seed(sequence.length)
                 logprobs = -1 if p.logprobs is None else p.logprobs
                 sample.append([index, p.temperature, p.top_p, p.top_k, seed, logprobs])
+                if p.presence_penalty or p.frequency_penalty:
+                    counts = Counter(sequence.generated)
+                    row, pairs = len(sample) - 1, [list(pair) for pair in counts.items()]
+                    penalties.append([row, p.presence_penalty, p.frequency_penalty, pairs])
             sequence.in_flight = True
         meta = {"spans": spans, "sample": sample, "requests": requests, "timings": []}
+        if penalties:
+            meta["penalties"] = penalties
         self.in_flight[batch_id] = entries
         self.metrics.batches_in_flight.set(len(self.in_flight))
         self.pipeline.send_batch(Frame(Kind.BATCH, batch_id, meta, torch.tensor(ids)))

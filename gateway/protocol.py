@@ -41,8 +41,6 @@ UNHONOURED = {
         value is None or (isinstance(value, dict) and value.get("type") == "text")
     ),
     "logit_bias": lambda value: not value,
-    "frequency_penalty": lambda value: value in (None, 0),
-    "presence_penalty": lambda value: value in (None, 0),
 }
 
 
@@ -64,6 +62,8 @@ class SamplingRequest(BaseModel):
     top_k: Annotated[int, Field(ge=0)] | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] | None = None
     stream_options: StreamOptions | None = None
 

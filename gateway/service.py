@@ -121,6 +121,8 @@ class ChatService:
             seed=random.getrandbits(62) if request.seed is None else request.seed,
             stops=tuple(request.stop_sequences()),
             logprobs=request.logprob_count(),
+            presence_penalty=request.presence_penalty or 0.0,
+            frequency_penalty=request.frequency_penalty or 0.0,
         )
         # Choices differ by seed (a seeded request stays reproducible, choice by choice).
         choices = [replace(params, seed=params.seed + index) for index in range(request.n or 1)]

@@ -8,14 +8,14 @@ Metadata of a BATCH frame:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from meshpipe.wire import Frame, FrameError, Kind
 from worker.model import Span, StagePlan
-from worker.sampling import MAX_LOGPROBS, SamplingParams
+from worker.sampling import MAX_LOGPROBS, Penalty, SamplingParams
 
 MAX_SPANS = 4096
 
@@ -30,6 +30,7 @@ class Batch:
     sampling: list[SamplingParams]
     inputs: Tensor
     meta: dict
+    penalties: dict[int, Penalty] = field(default_factory=dict)  # by sampled row
     logprobs: list | None = None  # on the last stage, for the sampled rows that asked
 
     @property
@@ -119,4 +120,31 @@ def parse_batch(
             "bad_batch",
             f"expected {dtype} [{tokens}, {hidden_size}], got {tensor.dtype} {list(tensor.shape)}",
         )
-    return Batch(frame.message_id, spans, sample_spans, sampling, tensor, frame.meta)
+    penalties = parse_penalties(frame.meta, len(sampling), vocab_size)
+    return Batch(frame.message_id, spans, sample_spans, sampling, tensor, frame.meta, penalties)
+
+
+def parse_penalties(meta: dict, num_sampled: int, vocab_size: int) -> dict[int, Penalty]:
+    """`penalties`: `[[sampled row, presence, frequency, [[token, count], ...]], ...]`."""
+    raw = meta.get("penalties", [])
+    if not isinstance(raw, list):
+        raise FrameError("bad_batch", "penalties must be a list")
+    penalties: dict[int, Penalty] = {}
+    for entry in raw:
+        try:
+            row, presence, frequency, counted = entry
+            pairs = [(int(token), int(count)) for token, count in counted]
+            presence, frequency = float(presence), float(frequency)
+        except (TypeError, ValueError):
+            raise FrameError(
+                "bad_batch", "a penalty is [row, presence, frequency, counts]"
+            ) from None
+        if not (isinstance(row, int) and 0 <= row < num_sampled and row not in penalties):
+            raise FrameError("bad_batch", f"penalty row {row} is not a sampled row")
+        if not (-2 <= presence <= 2 and -2 <= frequency <= 2 and len(pairs) <= MAX_SPANS * 16):
+            raise FrameError("bad_batch", "penalty values out of range")
+        if any(not (0 <= token < vocab_size and count > 0) for token, count in pairs):
+            raise FrameError("bad_batch", f"penalized tokens must lie in [0, {vocab_size})")
+        tokens, counts = zip(*pairs, strict=True) if pairs else ((), ())
+        penalties[row] = Penalty(presence, frequency, tuple(tokens), tuple(counts))
+    return penalties

@@ -33,7 +33,7 @@ from worker.batch import Batch, parse_batch
 from worker.blocks import MAX_ROWS, Kernels, use_blocks
 from worker.cuda_graphs import DecodeGraphs
 from worker.model import Stage, StagePlan
-from worker.sampling import sample, token_logprobs
+from worker.sampling import apply_penalties, sample, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -365,7 +365,10 @@ class WorkerNode:
         else:
             output = self.stage(inputs, batch.spans, batch.sample_rows())
         if self.stage.plan.is_last:
-            logits, output = output, sample(output, batch.sampling)
+            logits, output = (
+                output,
+                sample(apply_penalties(output, batch.penalties), batch.sampling),
+            )
             batch.logprobs = token_logprobs(logits, output, batch.sampling)
         return self._to_host(output)
 

@@ -74,3 +74,26 @@ def token_logprobs(logits: Tensor, tokens: Tensor, params: list[SamplingParams])
         top = [list(pair) for pair in zip(ids[index][:count], values[index][:count], strict=True)]
         result[row] = [chosen[index], top]
     return result
+
+
+@dataclass(frozen=True)
+class Penalty:
+    """OpenAI's presence and frequency penalties of one sampled row, with the tokens its
+    sequence has generated so far and how often each."""
+
+    presence: float
+    frequency: float
+    tokens: tuple[int, ...]
+    counts: tuple[int, ...]
+
+
+def apply_penalties(logits: Tensor, penalties: dict[int, Penalty]) -> Tensor:
+    """`logits[row, t] -= frequency * count(t) + presence` for every generated token t."""
+    if not penalties:
+        return logits
+    logits = logits.clone()
+    for row, penalty in penalties.items():
+        ids = torch.tensor(penalty.tokens, dtype=torch.long, device=logits.device)
+        counts = torch.tensor(penalty.counts, dtype=logits.dtype, device=logits.device)
+        logits[row, ids] -= penalty.frequency * counts + penalty.presence
+    return logits

@@ -208,8 +208,8 @@ BAD_REQUESTS = [
         "response_format",
     ),
     (
-        "presence penalty",
-        {"model": "M", "messages": QUESTION, "presence_penalty": 0.5},
+        "presence penalty over 2",
+        {"model": "M", "messages": QUESTION, "presence_penalty": 2.5},
         None,
         400,
         "presence_penalty",
@@ -558,3 +558,57 @@ def test_several_choices_streamed_and_left(client: OpenAI, cluster: Cluster) -> 
     while cluster.status()["engine"]["slots_used"]:
         assert time.monotonic() - left < 2.0, cluster.status()["engine"]
         time.sleep(0.05)
+
+
+# -- presence and frequency penalties ----------------------------------------------------------
+
+REPEAT = "cat cat cat cat cat cat cat cat"
+
+
+def hf_penalized(model_dir, prompt: list[int], count: int, presence: float, frequency: float):
+    """transformers' greedy tokens with OpenAI's penalties applied to the logits."""
+    import torch
+    from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
+
+    from tests.test_parity import _hf_model
+
+    class Penalties(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            for row, ids in enumerate(input_ids[:, len(prompt) :]):
+                tokens, counts = ids.unique(return_counts=True)
+                scores[row, tokens] -= frequency * counts.to(scores.dtype) + presence
+            return scores
+
+    model = _hf_model(model_dir, AutoModelForCausalLM)
+    with torch.inference_mode():
+        output = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=count,
+            do_sample=False,
+            logits_processor=LogitsProcessorList([Penalties()]),
+            pad_token_id=0,
+            eos_token_id=None,
+        )
+    return output[0, len(prompt) :].tolist()
+
+
+def test_penalties_equal_transformers(client: OpenAI, cluster: Cluster, default_model) -> None:
+    """Greedy with presence and frequency penalties is transformers' greedy with the same
+    penalties on the logits, and differs from greedy without them on a repetitive text."""
+    chat = ChatFormat(default_model)
+    prompt = chat.tokenizer.encode(REPEAT).ids
+    plain = client.completions.create(
+        model=cluster.model, prompt=REPEAT, max_tokens=12, temperature=0
+    )
+    penalized = client.completions.create(
+        model=cluster.model,
+        prompt=REPEAT,
+        max_tokens=12,
+        temperature=0,
+        presence_penalty=0.5,
+        frequency_penalty=1.0,
+    )
+    expected = hf_penalized(default_model, prompt, penalized.usage.completion_tokens, 0.5, 1.0)
+    assert penalized.choices[0].text == chat.decode(expected)
+    assert penalized.choices[0].text != plain.choices[0].text, plain.choices[0].text

@@ -106,6 +106,18 @@ BAD_BATCHES = {
     "logprobs out of range": batch(
         {"spans": [[0, 0, 1]], "sample": [[0, 0, 1, 0, 0, 99]]}, torch.zeros(1, 576)
     ),
+    "penalized token beyond the vocabulary": batch(
+        {
+            "spans": [[0, 0, 1]],
+            "sample": [[0, 0, 1, 0, 0, -1]],
+            "penalties": [[0, 0.5, 0.5, [[10**9, 1]]]],
+        },
+        torch.zeros(1, 576),
+    ),
+    "penalty of a row not sampled": batch(
+        {"spans": [[0, 0, 1]], "sample": [], "penalties": [[0, 0.5, 0.5, []]]},
+        torch.zeros(1, 576),
+    ),
     "bad sampling values": batch(
         {"spans": [[0, 0, 1]], "sample": [[0, -1, 7, 0, 0, -1]]}, torch.zeros(1, 576)
     ),
