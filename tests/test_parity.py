@@ -31,8 +31,11 @@ def reference(model_dir: Path, prompt: str, max_tokens: int) -> tuple[str, int]:
     return reference_ids(model_dir, ids, max_tokens)
 
 
-def reference_ids(model_dir: Path, ids: list[int], max_tokens: int) -> tuple[str, int]:
-    """transformers greedy generation continuing the token ids `ids`: (text, token count)."""
+def reference_ids(
+    model_dir: Path, ids: list[int], max_tokens: int, logits_processor=None
+) -> tuple[str, int]:
+    """transformers greedy generation continuing the token ids `ids` (with an optional
+    `LogitsProcessorList`): (text, token count)."""
     from transformers import AutoModelForCausalLM
 
     config = ModelConfig.from_dir(model_dir)
@@ -45,6 +48,7 @@ def reference_ids(model_dir: Path, ids: list[int], max_tokens: int) -> tuple[str
             do_sample=False,
             eos_token_id=list(config.eos_token_ids),
             pad_token_id=config.eos_token_ids[0],
+            logits_processor=logits_processor,
         )
     new = output[0, len(ids) :].tolist()
     for index, token in enumerate(new):

@@ -2,8 +2,9 @@
 
 Metadata of a BATCH frame:
     spans:  [[slot, start, length], ...]   the sequences, laid end to end in the tensor
-    sample: [[span_index, temperature, top_p, top_k, seed], ...]   spans whose last token
-            yields a new token on the last stage
+    sample: [[span_index, temperature, top_p, top_k, seed, logprobs], ...]   spans whose last
+            token yields a new token on the last stage (logprobs: -1, or how many alternatives)
+    penalties (optional): [[sample_index, presence, frequency, [[token, count], ...]], ...]
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from worker.sampling import MAX_LOGPROBS, Penalty, SamplingParams
 MAX_SPANS = 4096
 
 
-@dataclass
+@dataclass(frozen=True)
 class Batch:
     """A validated micro-batch."""
 
@@ -31,7 +32,6 @@ class Batch:
     inputs: Tensor
     meta: dict
     penalties: dict[int, Penalty] = field(default_factory=dict)  # by sampled row
-    logprobs: list | None = None  # on the last stage, for the sampled rows that asked
 
     @property
     def num_tokens(self) -> int:

@@ -322,10 +322,10 @@ class WorkerNode:
                 if batch is None:
                     continue
                 started = time.perf_counter()
-                result = await loop.run_in_executor(self.executor, self._run, batch)
+                result, logprobs = await loop.run_in_executor(self.executor, self._run, batch)
                 self.step_seconds = time.perf_counter() - started
                 self.steps += 1
-                await self._send_on(batch, result)
+                await self._send_on(batch, result, logprobs)
             except FrameError as error:
                 self._report(source, error_frame(error.code, str(error), frame.message_id))
             except asyncio.CancelledError:
@@ -354,8 +354,9 @@ class WorkerNode:
             self.active_slots[span.slot] = str(owner)
         return batch
 
-    def _run(self, batch: Batch) -> torch.Tensor:
-        """The forward pass (compute thread): hidden states out, or sampled token ids."""
+    def _run(self, batch: Batch) -> tuple[torch.Tensor, list | None]:
+        """The forward pass (compute thread): hidden states out, or sampled token ids with the
+        log-probabilities of the rows that asked for them."""
         assert self.stage is not None
         inputs = batch.inputs.to(self.settings.device, non_blocking=True)
         if self.graphs is not None and self.graphs.handles(batch.spans):
@@ -364,13 +365,10 @@ class WorkerNode:
                 output = output[batch.sample_rows()]
         else:
             output = self.stage(inputs, batch.spans, batch.sample_rows())
-        if self.stage.plan.is_last:
-            logits, output = (
-                output,
-                sample(apply_penalties(output, batch.penalties), batch.sampling),
-            )
-            batch.logprobs = token_logprobs(logits, output, batch.sampling)
-        return self._to_host(output)
+        if not self.stage.plan.is_last:
+            return self._to_host(output), None
+        tokens = sample(apply_penalties(output, batch.penalties), batch.sampling)
+        return self._to_host(tokens), token_logprobs(output, tokens, batch.sampling)
 
     def _to_host(self, output: torch.Tensor) -> torch.Tensor:
         """Copy a result to the host; from the GPU through one reused pinned buffer (the frame
@@ -385,15 +383,15 @@ class WorkerNode:
         torch.cuda.current_stream().synchronize()
         return host
 
-    async def _send_on(self, batch: Batch, result: torch.Tensor) -> None:
+    async def _send_on(self, batch: Batch, result: torch.Tensor, logprobs: list | None) -> None:
         assert self.stage is not None and self.gateway is not None
         timings = batch.meta.get("timings")
         timings = (timings if isinstance(timings, list) else [])[:64] + [self.step_seconds]
         batch.meta["timings"] = timings
         if self.stage.plan.is_last:
             meta = {"timings": timings}
-            if batch.logprobs is not None:
-                meta["logprobs"] = batch.logprobs
+            if logprobs is not None:
+                meta["logprobs"] = logprobs
             self.gateway.send(Frame(Kind.TOKENS, batch.batch_id, meta, result))
             return
         if self.next_stage is None or self.next_stage.closed:

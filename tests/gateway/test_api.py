@@ -566,11 +566,8 @@ REPEAT = "cat cat cat cat cat cat cat cat"
 
 
 def hf_penalized(model_dir, prompt: list[int], count: int, presence: float, frequency: float):
-    """transformers' greedy tokens with OpenAI's penalties applied to the logits."""
-    import torch
-    from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
-
-    from tests.test_parity import _hf_model
+    """transformers' greedy answer with OpenAI's penalties applied to the logits."""
+    from transformers import LogitsProcessor, LogitsProcessorList
 
     class Penalties(LogitsProcessor):
         def __call__(self, input_ids, scores):
@@ -579,18 +576,7 @@ def hf_penalized(model_dir, prompt: list[int], count: int, presence: float, freq
                 scores[row, tokens] -= frequency * counts.to(scores.dtype) + presence
             return scores
 
-    model = _hf_model(model_dir, AutoModelForCausalLM)
-    with torch.inference_mode():
-        output = model.generate(
-            torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=count,
-            do_sample=False,
-            logits_processor=LogitsProcessorList([Penalties()]),
-            pad_token_id=0,
-            eos_token_id=None,
-        )
-    return output[0, len(prompt) :].tolist()
+    return reference_ids(model_dir, prompt, count, LogitsProcessorList([Penalties()]))[0]
 
 
 def test_penalties_equal_transformers(client: OpenAI, cluster: Cluster, default_model) -> None:
@@ -610,5 +596,5 @@ def test_penalties_equal_transformers(client: OpenAI, cluster: Cluster, default_
         frequency_penalty=1.0,
     )
     expected = hf_penalized(default_model, prompt, penalized.usage.completion_tokens, 0.5, 1.0)
-    assert penalized.choices[0].text == chat.decode(expected)
+    assert penalized.choices[0].text == expected
     assert penalized.choices[0].text != plain.choices[0].text, plain.choices[0].text
