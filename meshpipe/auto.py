@@ -43,6 +43,7 @@ class AutoSettings:
     relay: bool = False
     relay_port: int = 9339
     block_weights: bool = True
+    native_kernels: bool = True
 
 
 class ClusterFailed(Exception):
@@ -114,6 +115,7 @@ class Cluster:
                 f"worker-{index}",
             ]
             worker += [] if s.block_weights else ["--no-block-weights"]
+            worker += [] if s.native_kernels else ["--no-native-kernels"]
             if s.relay:
                 worker += ["--relay", relay]
                 worker += ["--relay-only"] if index == s.stages - 1 else []

@@ -73,7 +73,13 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
         "--block-weights",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="CPU: run single-token steps on the model's GGUF Q4_1/Q8_0 blocks when it has them",
+        help="CPU: run decode steps and short chunks on the model's GGUF Q4_1/Q8_0 blocks",
+    )
+    p.add_argument(
+        "--native-kernels",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="CPU float32: meshpipe's C kernels (AVX-512) for block products and decode attention",
     )
     p.add_argument(
         "--cuda-graphs",
@@ -114,7 +120,13 @@ def _add_auto(sub: argparse._SubParsersAction) -> None:
         "--block-weights",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="CPU: run single-token steps on the model's GGUF Q4_1/Q8_0 blocks when it has them",
+        help="CPU: run decode steps and short chunks on the model's GGUF Q4_1/Q8_0 blocks",
+    )
+    p.add_argument(
+        "--native-kernels",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="CPU float32: meshpipe's C kernels (AVX-512) for block products and decode attention",
     )
 
 
@@ -228,6 +240,7 @@ def run_worker(args: argparse.Namespace) -> None:
         cuda_graphs=args.cuda_graphs,
         compile=args.compile,
         block_weights=args.block_weights,
+        native_kernels=args.native_kernels,
         relay=args.relay,
         relay_only=args.relay_only,
     )
@@ -299,6 +312,7 @@ def run_auto(args: argparse.Namespace) -> None:
             relay=args.relay,
             relay_port=args.relay_port,
             block_weights=args.block_weights,
+            native_kernels=args.native_kernels,
         )
     )
 

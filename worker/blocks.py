@@ -1,16 +1,19 @@
-"""Single-token steps on the GGUF's own blocks: Q4_1 and Q8_0 weights read as 4 and 8 bits.
+"""Steps on the GGUF's own blocks: Q4_1 and Q8_0 weights read as 4 and 8 bits.
 
-A decode step of one sequence is a chain of matrix-vector products, bound by the bytes of weight
-read per token. The default model arrives as Q4_1 (with a Q8_0 embedding); its float32 form is
-four to eight times the bytes. For a one-row input, a `BlockLinear` computes the same product
-from the blocks themselves: `y[n] = sum_b d[b, n] * sum_j x[b, j] * q[b, j, n] (+ m[b, n] * sum_j
-x[b, j])`, the weights numerically those of the float32 tensor (`d * q + m` is exact in float32),
-only summed in another order. Wider inputs (prefill chunks, batched decodes) are compute-bound and
-keep the float32 GEMM.
+A decode step is a chain of matrix products with a few rows (one per sequence), bound by the
+bytes of weight read. The default model arrives as Q4_1 (with a Q8_0 embedding); its float32 form
+is four to eight times the bytes. A `BlockLinear` computes the same product from the blocks
+themselves: `y[n] = sum_b sum_j x[b, j] * (d[b, n] * q[b, j, n] + m[b, n])`, the weights
+numerically those of the float32 tensor (`d * q + m` is exact in float32), only summed in
+another order.
 
-The kernels are plain tensor expressions compiled by TorchInductor into one fused C++ loop each:
-weights are tiled `[N / TILE, blocks, 32, TILE]` so the loop streams them in order and vectorizes
-across TILE outputs.
+Two implementations:
+- meshpipe's C kernels (`worker/cpu_kernels.c`, AVX-512), where they build: each block is
+  dequantized once for all the rows of a call, so a row costs a fraction of a one-row call, and
+  inputs of up to `NATIVE_MAX_ROWS` rows (batched decodes and short prompt chunks) run on blocks;
+- elsewhere, plain tensor expressions compiled by TorchInductor into one fused C++ loop each, for
+  inputs of up to `MAX_ROWS` rows (they dequantize once per row).
+Wider inputs are compute-bound and keep the float32 GEMM.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from torch import Tensor, nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from meshpipe.models.gguf_convert import BLOCKS_FILE
+from worker.cpu_kernels import LANES, NativeKernels
+from worker.cpu_kernels import load as load_native
 from worker.model import Stage
 
 TILE = 32  # outputs per tile: a tile's block rows are contiguous, so weights stream in order
@@ -33,6 +38,10 @@ BLOCK = 32  # elements per GGUF block (Q4_1 and Q8_0)
 # slow at 2-3 rows. A whole-model step on one thread, float32 vs blocks: 1 row 64 vs 27 ms,
 # 2 rows 108 vs 40, 3 rows 143 vs 53, 4 rows 107 vs 88, 6 rows 111 vs 109, 8 rows 109 vs 143.
 MAX_ROWS = 3  # 4 rows would gain little for another compilation per shape at load
+# The C kernels against float32 (MKL) on one thread, all 30 layers' projections of SmolLM2-135M:
+# 1 row 17.6 vs 37.1 ms, 8 rows 26.7 vs 85.8, 16 rows 44.4 vs 79.6, 32 rows 82.5 vs 98.6,
+# 64 rows 155.7 vs 146.8.
+NATIVE_MAX_ROWS = 48
 
 
 def q4_1_matmul(x: Tensor, qs: Tensor, d: Tensor, m: Tensor) -> Tensor:
@@ -53,21 +62,23 @@ def q8_0_matmul(x: Tensor, qs: Tensor, d: Tensor) -> Tensor:
     return ((qs.float() * xb).sum(3) * d.float()).sum(2).view(rows, tiles * tile)
 
 
-def tiled(value: Tensor) -> Tensor:
-    """`[N, nb, ...]` (rows first, as stored) -> `[N / TILE, nb, ..., TILE]`."""
+def tiled(value: Tensor, tile: int = TILE) -> Tensor:
+    """`[N, nb, ...]` (rows first, as stored) -> `[N / tile, nb, ..., tile]`."""
     rows = value.shape[0]
-    value = value.view(rows // TILE, TILE, *value.shape[1:])
+    value = value.view(rows // tile, tile, *value.shape[1:])
     return value.movedim(1, -1).contiguous()
 
 
 class Kernels:
-    """The kernels, compiled once per (kind, rows, weight shape) and shared by the layers.
+    """The block kernels of a worker: the C kernels where they build, else Inductor kernels
+    compiled once per (kind, rows, weight shape) and shared by the layers.
 
-    Compiled straight from a traced graph (`make_fx` then Inductor), not through `torch.compile`:
-    a call then costs about 9 us instead of about 60 us of guard checks, and a stage makes
-    several hundred calls per token."""
+    The Inductor kernels are compiled straight from a traced graph (`make_fx` then Inductor), not
+    through `torch.compile`: a call then costs about 9 us instead of about 60 us of guard
+    checks, and a stage makes several hundred calls per token."""
 
-    def __init__(self) -> None:
+    def __init__(self, native: bool = True) -> None:
+        self.native: NativeKernels | None = load_native() if native else None
         self.compiled: dict[tuple, Callable[..., Tensor]] = {}
 
     def get(self, kind: str, x: Tensor, fields: list[Tensor]) -> Callable[..., Tensor]:
@@ -80,14 +91,23 @@ class Kernels:
 
 
 class BlockLinear(nn.Module):
-    """A bias-free linear layer: GGUF blocks for inputs of up to `MAX_ROWS` rows, the float32
+    """A bias-free linear layer: GGUF blocks for inputs of up to `max_rows` rows, the float32
     weight for wider ones."""
 
     def __init__(self, linear: nn.Linear, kind: str, fields: dict[str, Tensor], kernels: Kernels):
         super().__init__()
         assert linear.bias is None
         self.weight = linear.weight
-        self.fields = [tiled(fields[name]) for name in ("qs", "d", "m") if name in fields]
+        names = [name for name in ("qs", "d", "m") if name in fields]
+        self.native = kernels.native
+        if self.native is not None:
+            self.max_rows = NATIVE_MAX_ROWS
+            self.fields = [tiled(fields[name], LANES) for name in names]
+            native = self.native
+            self.product = native.q4_1_matmul if kind == "q4_1" else native.q8_0_matmul
+            return
+        self.max_rows = MAX_ROWS
+        self.fields = [tiled(fields[name]) for name in names]
         with torch.inference_mode():
             self.kernels = [
                 kernels.get(kind, torch.zeros(rows, linear.in_features), self.fields)
@@ -96,8 +116,10 @@ class BlockLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.shape[0]
-        if not 0 < rows <= MAX_ROWS:
+        if not 0 < rows <= self.max_rows:
             return nn.functional.linear(x, self.weight)
+        if self.native is not None:
+            return self.product(x.contiguous(), *self.fields)
         return self.kernels[rows - 1](x.contiguous(), *self.fields)
 
 

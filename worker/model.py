@@ -8,14 +8,17 @@ consecutive positions in its own KV slot.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch import Tensor, nn
+from torch.nn.attention.varlen import varlen_attn
 
 from meshpipe.models.config import ModelConfig
 from worker.cpu_kernels import NativeKernels
@@ -103,6 +106,8 @@ class Attention(nn.Module):
         self.kv_cache.update(step.slots, step.positions, k, v)
         if step.all_decode:  # the common case, and the one captured in CUDA graphs
             return self.o_proj(self._decode(q, step).reshape(tokens, -1))
+        if step.packed is not None:  # CUDA, 16-bit: every span of the step in one call
+            return self.o_proj(self._packed(q, step.packed).reshape(tokens, -1))
         out = torch.empty_like(q)  # [T, H, hd]
         if step.decode_rows is not None:
             out[step.decode_rows] = self._decode(q[step.decode_rows], step)
@@ -128,6 +133,21 @@ class Attention(nn.Module):
             q.unsqueeze(2), keys, values, attn_mask=step.decode_mask, enable_gqa=True
         )  # [B, H, 1, hd]
         return out.squeeze(2)
+
+    def _packed(self, q: Tensor, packed: PackedSpans) -> Tensor:
+        """Every span of a step (prompt chunks and decode tokens) in one variable-length
+        flash-attention call, each attending to its cached prefix and itself."""
+        assert self.kv_cache is not None
+        keys = self.kv_cache.k_cache[packed.key_slots, :, packed.key_positions]  # [Tk, kvh, hd]
+        values = self.kv_cache.v_cache[packed.key_slots, :, packed.key_positions]
+        if not VARLEN_GQA:  # older torch: the wrapper takes as many KV heads as query heads
+            group = self.config.num_heads // self.config.num_kv_heads
+            keys = keys.repeat_interleave(group, dim=1)
+            values = values.repeat_interleave(group, dim=1)
+        # flash attention aligns a causal mask bottom-right: a span's queries are the last
+        # positions of its keys, which is what a chunk continuing a cached prefix needs
+        lengths = (q, keys, values, packed.cu_q, packed.cu_k, packed.max_q, packed.max_k)
+        return varlen_attn(*lengths, **VARLEN_CAUSAL)  # [T, H, hd]
 
     def _prefill(self, q: Tensor, span: Span) -> Tensor:
         """A chunk of one sequence's prompt, attending to its cached prefix and itself."""
@@ -198,6 +218,49 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)).to(x.dtype)
 
 
+def _varlen_keywords() -> tuple[dict, bool]:
+    """How this torch's `varlen_attn` asks for a causal mask, and whether it takes fewer KV
+    heads than query heads (`enable_gqa`, torch 2.13; 2.11 has `is_causal` and neither)."""
+    parameters = inspect.signature(varlen_attn).parameters
+    gqa = "enable_gqa" in parameters
+    if "window_size" in parameters:
+        return {"window_size": (-1, 0), **({"enable_gqa": True} if gqa else {})}, gqa
+    return {"is_causal": True}, gqa
+
+
+VARLEN_CAUSAL, VARLEN_GQA = _varlen_keywords()
+
+
+@dataclass(frozen=True)
+class PackedSpans:
+    """The spans of a step laid end to end for one flash-attention call: the (slot, position)
+    of every key each span attends to (its cached prefix and itself), and the cumulative query
+    and key lengths. On a GPU this replaces a loop of a dozen small kernels per prompt chunk
+    and layer, which made a step of 64 short prompts take hundreds of milliseconds."""
+
+    key_slots: Tensor  # [Tk]
+    key_positions: Tensor  # [Tk]
+    cu_q: Tensor  # [spans + 1] int32
+    cu_k: Tensor  # [spans + 1] int32
+    max_q: int
+    max_k: int
+
+    @classmethod
+    def of(cls, spans: list[Span], device: torch.device) -> PackedSpans:
+        slots = np.array([span.slot for span in spans], dtype=np.int64)
+        lengths = np.array([span.length for span in spans], dtype=np.int64)
+        ends = np.array([span.start + span.length for span in spans], dtype=np.int64)
+        cu_q = np.concatenate(([0], np.cumsum(lengths)))
+        cu_k = np.concatenate(([0], np.cumsum(ends)))
+        key_slots = np.repeat(slots, ends)
+        key_positions = np.arange(cu_k[-1]) - np.repeat(cu_k[:-1], ends)
+        keys = torch.from_numpy(np.stack((key_slots, key_positions)))
+        keys = keys.pin_memory().to(device, non_blocking=True)
+        offsets = torch.from_numpy(np.stack((cu_q, cu_k)).astype(np.int32))
+        offsets = offsets.pin_memory().to(device, non_blocking=True)
+        return cls(keys[0], keys[1], offsets[0], offsets[1], int(lengths.max()), int(ends.max()))
+
+
 @dataclass
 class StepInputs:
     """What every layer of one step needs, computed once per step."""
@@ -212,6 +275,7 @@ class StepInputs:
     decode_lengths: Tensor | None  # [B] keys each decoding sequence attends (its position + 1)
     prefill: list[tuple[Span, slice]]  # multi-token spans and their rows
     all_decode: bool = False  # every span is one token: no prefill, rows == decode rows
+    packed: PackedSpans | None = None  # every span for one varlen call (CUDA, 16-bit)
 
 
 class Stage(nn.Module):
@@ -220,6 +284,7 @@ class Stage(nn.Module):
     def __init__(self, config: ModelConfig, plan: StagePlan) -> None:
         super().__init__()
         self.config, self.plan = config, plan
+        self.packed_attention = False  # set by allocate_cache
         if plan.is_first:
             self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
@@ -245,8 +310,22 @@ class Stage(nn.Module):
             plan.max_seq_len,
             config.head_dim,
         )
+        device = self.inv_freq.device
         for layer in self.layers:
-            layer.self_attn.kv_cache = KVCache(shape, dtype, self.inv_freq.device)
+            layer.self_attn.kv_cache = KVCache(shape, dtype, device)
+        # Flash attention's variable-length kernel: CUDA from sm80, 16-bit only (fp32 keeps the
+        # per-chunk loop, as the CPU does, where the chunks' compute outweighs their launches).
+        self.packed_attention = (
+            device.type == "cuda"
+            and dtype in (torch.float16, torch.bfloat16)
+            and torch.cuda.get_device_capability(device) >= (8, 0)
+        )
+
+    def use_native_attention(self, native: NativeKernels) -> None:
+        """Decode attention in meshpipe's C kernel (CPU, float32), reading the cache in place."""
+        assert self.inv_freq.device.type == "cpu"
+        for layer in self.layers:
+            layer.self_attn.native = native
 
     def rotary(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """cos and sin `[T, hd]` of each token's position."""
@@ -275,6 +354,11 @@ class Stage(nn.Module):
         if len(decode) == len(spans):
             return self.decode_inputs(table[0], table[1], max(positions) + 1)
         cos, sin = self.rotary(table[1])
+        if self.packed_attention:
+            packed = PackedSpans.of(spans, device)
+            return StepInputs(
+                table[0], table[1], cos, sin, None, None, None, None, [], packed=packed
+            )
         prefill = [
             (span, slice(row, row + span.length)) for row, span in _rows(spans) if span.length > 1
         ]

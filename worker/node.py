@@ -30,7 +30,7 @@ from meshpipe.reach import GATEWAY_NODE_ID, Hop, dial
 from meshpipe.relay_link import RelayLink, RelayUnavailable, link_kind
 from meshpipe.wire import Frame, FrameError, Kind, error_frame
 from worker.batch import Batch, parse_batch
-from worker.blocks import MAX_ROWS, Kernels, use_blocks
+from worker.blocks import MAX_ROWS, NATIVE_MAX_ROWS, Kernels, use_blocks
 from worker.cuda_graphs import DecodeGraphs
 from worker.model import Stage, StagePlan
 from worker.sampling import apply_penalties, sample, token_logprobs
@@ -63,7 +63,8 @@ class WorkerSettings:
     relay_only: bool = False
     cuda_graphs: bool = True
     compile: bool = True  # CUDA: the captured decode step compiled by TorchInductor
-    block_weights: bool = True  # CPU single-token steps on the model's GGUF blocks, if it has them
+    block_weights: bool = True  # CPU decode steps on the model's GGUF blocks, if it has them
+    native_kernels: bool = True  # CPU float32: meshpipe's C kernels (worker/cpu_kernels.c)
 
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
@@ -102,7 +103,8 @@ class WorkerNode:
         self.config: ModelConfig | None = None
         self.batches: asyncio.Queue[tuple[MeshConnection, Frame]] = asyncio.Queue()
         self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compute")
-        self.kernels = Kernels()  # compiled block kernels, kept across plans
+        # block kernels, kept across plans
+        self.kernels = Kernels(settings.native_kernels and settings.device == "cpu")
         self.active_slots: dict[int, str] = {}
         self.steps = 0
         self.step_seconds = 0.0
@@ -302,11 +304,16 @@ class WorkerNode:
         if self.settings.block_weights and self.settings.device == "cpu":
             swapped = use_blocks(stage, model_dir, self.kernels)
             if swapped:
+                native = "C kernels" if self.kernels.native else "Inductor kernels"
+                rows = NATIVE_MAX_ROWS if self.kernels.native else MAX_ROWS
                 log.info(
-                    "%d projections run steps of up to %d rows on the GGUF blocks",
+                    "%d projections run up to %d rows on the GGUF blocks (%s)",
                     swapped,
-                    MAX_ROWS,
+                    rows,
+                    native,
                 )
+        if self.kernels.native and self.settings.device == "cpu" and dtype == torch.float32:
+            stage.use_native_attention(self.kernels.native)
         # One scratch slot for the padding rows of CUDA-graph batches.
         stage.allocate_cache(dtype, extra_slots=1 if self.settings.device == "cuda" else 0)
         return stage.eval()

@@ -1,16 +1,22 @@
-"""The GGUF blocks a CPU worker decodes on are the same weights as the float32 checkpoint."""
+"""The GGUF blocks a CPU worker decodes on are the same weights as the float32 checkpoint, and
+both block kernels (meshpipe's C kernels and the Inductor ones) compute like float32."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 from torch import nn
 
 from meshpipe.models.config import ModelConfig
-from worker.blocks import MAX_ROWS, BlockLinear, use_blocks
+from worker.blocks import BlockLinear, Kernels, use_blocks
+from worker.cpu_kernels import load
 from worker.model import Span, Stage, StagePlan
+
+needs_native = pytest.mark.skipif(load() is None, reason="the C kernels need x86 with AVX-512")
+BOTH = [pytest.param(True, id="native", marks=needs_native), pytest.param(False, id="inductor")]
 
 
 def dequantized(kind: str, fields: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -63,10 +69,11 @@ def greedy(stage: Stage, prompt: list[int], steps: int) -> tuple[list[int], torc
     return tokens, logits
 
 
-def test_a_stage_on_blocks_decodes_like_float32(default_model: Path) -> None:
+@pytest.mark.parametrize("native", BOTH)
+def test_a_stage_on_blocks_decodes_like_float32(default_model: Path, native: bool) -> None:
     float32 = build_stage(default_model, (0, 30))
     blocked = build_stage(default_model, (0, 30))
-    assert use_blocks(blocked, default_model) == 4 * 30 + 1  # qkv, o, gate_up, down; the head
+    assert use_blocks(blocked, default_model, Kernels(native)) == 4 * 30 + 1  # and the head
     assert isinstance(blocked.layers[0].self_attn.qkv_proj, BlockLinear)
     assert isinstance(blocked.lm_head, BlockLinear)
     prompt = [1, 504, 3458, 282, 4649, 314, 30, 2]
@@ -76,27 +83,36 @@ def test_a_stage_on_blocks_decodes_like_float32(default_model: Path) -> None:
     torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-3)
 
 
-def test_narrow_inputs_use_blocks_and_wide_ones_float32(default_model: Path) -> None:
+@pytest.mark.parametrize("native", BOTH)
+def test_narrow_inputs_use_blocks_and_wide_ones_float32(default_model: Path, native: bool) -> None:
     stage = build_stage(default_model, (28, 30))
-    reference = stage.layers[0].mlp.down_proj.weight.clone()
-    use_blocks(stage, default_model)
-    down = stage.layers[0].mlp.down_proj
-    assert isinstance(down, BlockLinear)
-    x = torch.randn(MAX_ROWS + 1, reference.shape[1])
+    use_blocks(stage, default_model, Kernels(native))
+    for name in ("self_attn.qkv_proj", "mlp.down_proj"):  # Q4_1 blocks
+        check_rows(stage.layers[0].get_submodule(name))
+    check_rows(stage.lm_head)  # Q8_0 blocks
+
+
+def check_rows(linear: nn.Module) -> None:
+    assert isinstance(linear, BlockLinear)
+    limit = linear.max_rows
+    x = torch.randn(limit + 1, linear.weight.shape[1])
     with torch.inference_mode():
-        assert torch.equal(down(x), nn.functional.linear(x, reference))
-        for rows in range(1, MAX_ROWS + 1):
-            expected = nn.functional.linear(x[:rows], reference)
-            torch.testing.assert_close(down(x[:rows]), expected, rtol=1e-4, atol=1e-4)
-        # a row's result does not depend on the rows beside it
-        assert torch.equal(down(x[:MAX_ROWS])[:1], down(x[:1]))
+        assert torch.equal(linear(x), nn.functional.linear(x, linear.weight))
+        for rows in sorted({1, 2, 3, 5, 8, 13, 16, 17, limit}):
+            expected = nn.functional.linear(x[:rows], linear.weight)
+            torch.testing.assert_close(linear(x[:rows]), expected, rtol=1e-4, atol=1e-4)
+            # a row's result does not depend on the rows beside it
+            assert torch.equal(linear(x[:rows])[rows - 1 :], linear(x[rows - 1 : rows]))
 
 
-def test_a_batch_of_sequences_decodes_like_float32(default_model: Path) -> None:
+@pytest.mark.parametrize("native", BOTH)
+def test_a_batch_of_sequences_decodes_like_float32(default_model: Path, native: bool) -> None:
     float32 = build_stage(default_model, (0, 30))
     blocked = build_stage(default_model, (0, 30))
-    use_blocks(blocked, default_model)
-    prompts = [[1, 504, 3458, 282], [1, 42, 17, 99], [1, 7, 7, 7]][:MAX_ROWS]
+    kernels = Kernels(native)
+    use_blocks(blocked, default_model, kernels)
+    prompts = [[1, 504, 3458, 282], [1, 42, 17, 99], [1, 7, 7, 7], [1, 9, 8], [1, 3000, 12, 4, 5]]
+    prompts = prompts[: 5 if native else 3]
     with torch.inference_mode():
         for stage in (float32, blocked):
             for slot, prompt in enumerate(prompts):
@@ -114,3 +130,28 @@ def test_a_model_without_blocks_keeps_float32(tiny_model: Path) -> None:
     stage = build_stage(tiny_model, (0, 3))
     assert use_blocks(stage, tiny_model) == 0
     assert type(stage.layers[0].self_attn.qkv_proj) is nn.Linear
+
+
+@needs_native
+def test_native_attention_decodes_like_torch_and_alone_like_in_a_batch(default_model: Path) -> None:
+    reference = build_stage(default_model, (0, 30))  # torch's attention over float32 weights
+    stage = build_stage(default_model, (0, 30))  # as a CPU worker runs: blocks, C attention
+    kernels = Kernels(True)
+    use_blocks(stage, default_model, kernels)
+    assert kernels.native is not None
+    stage.use_native_attention(kernels.native)
+    prompts = [[1, 504, 3458, 282, 4649, 314], [1, 42], [1, 7, 7, 7, 9], [2] * 40, [1, 99, 3]]
+    with torch.inference_mode():
+        for model in (reference, stage):
+            for slot, prompt in enumerate(prompts):
+                model(torch.tensor(prompt), [Span(slot, 0, len(prompt))], [len(prompt) - 1])
+        tokens = torch.tensor([p[-1] for p in prompts])
+        spans = [Span(slot, len(p), 1) for slot, p in enumerate(prompts)]
+        rows = list(range(len(prompts)))
+        expected = reference(tokens, spans, rows)
+        batched = stage(tokens, spans, rows)
+        alone = [stage(tokens[i : i + 1], [spans[i]], [0])[0] for i in rows]
+    assert torch.equal(batched.argmax(-1), expected.argmax(-1))
+    torch.testing.assert_close(batched, expected, rtol=1e-4, atol=1e-3)
+    for row in rows:  # bit for bit: a sequence's result does not depend on its batch
+        assert torch.equal(alone[row], batched[row])
