@@ -1,9 +1,14 @@
 """QUIC links between meshpipe nodes: configuration, authenticated connections, framed messages.
 
-Every message travels on a stream of its own (header, metadata and tensor bytes, then FIN), so
-frames never interleave and a cut-short frame is detected when its stream ends. The first frame
-a client sends is HELLO, which proves it holds the mesh's join token; a server answers anything
-else, or a wrong proof, with an ERROR frame and closes the connection.
+Frames are self-delimiting (the header gives the lengths), so a stream may carry any number of
+them. Small frames (decode-sized hidden states, control messages) follow each other on one
+long-lived stream per direction: a stream per frame cost its creation, MAX_STREAMS credit and
+teardown at both ends on every message. A large frame (a prefill tensor) gets a stream of its
+own, ended with FIN, so that it never holds up the small frames behind it and a cut-short one is
+detected when its stream ends. Frames on different streams may overtake each other: nothing may
+rely on the order of frames on a link. The first frame a client sends is HELLO, which proves it
+holds the mesh's join token; a server answers anything else, or a wrong proof, with an ERROR
+frame and closes the connection.
 """
 
 from __future__ import annotations
@@ -26,7 +31,13 @@ from aioquic.buffer import size_uint_var
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.congestion.base import create_congestion_control
 from aioquic.quic.connection import QuicConnection
-from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamDataReceived, StreamReset
+from aioquic.quic.events import (
+    ConnectionTerminated,
+    QuicEvent,
+    StopSendingReceived,
+    StreamDataReceived,
+    StreamReset,
+)
 from aioquic.quic.packet import QuicFrameType
 from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketPacer, QuicPacketSpace
@@ -67,6 +78,11 @@ NARROW_STREAM_FRAME_LIMIT = 16383
 # Kernel socket buffers (clamped to net.core.{r,w}mem_max): the default 208 KiB holds only a
 # few large datagrams, and a burst beyond it is dropped and retransmitted.
 SOCKET_BUFFER_BYTES = 4 << 20
+# Frames up to this size (header, metadata and tensor) share the long-lived stream; larger ones
+# are prefill-sized and get a stream of their own (one packet on loopback, 45 at MTU 1500).
+SHARED_STREAM_FRAME_LIMIT = 64 << 10
+# The application error code of a STOP_SENDING that refuses the rest of a stream.
+REFUSED_STREAM_ERROR = 0x10
 IDLE_TIMEOUT = 30.0
 KEEPALIVE_INTERVAL = 5.0
 HELLO_TIMEOUT = 10.0
@@ -189,7 +205,8 @@ def _write_wide_stream_frame(
 
 
 class MeshConnection(QuicConnectionProtocol):
-    """One QUIC connection carrying meshpipe frames, one stream per frame."""
+    """One QUIC connection carrying meshpipe frames: small ones on a long-lived stream, large
+    ones on a stream each."""
 
     def __init__(self, *args: Any, handler: FrameHandler, token: str, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -202,6 +219,7 @@ class MeshConnection(QuicConnectionProtocol):
         self.peer: dict[str, Any] = {}
         self.max_payload = DEFAULT_MAX_PAYLOAD_BYTES
         self._decoders: dict[int, FrameDecoder | None] = {}
+        self._shared_stream: int | None = None  # opened by the first small frame
         self._welcome: asyncio.Future[Frame] | None = None
         self._keepalive: asyncio.Task[None] | None = None
         self._closed_reported = False
@@ -222,16 +240,28 @@ class MeshConnection(QuicConnectionProtocol):
     def queue(self, frame: Frame) -> None:
         """Queue a frame without transmitting (call transmit() once after a batch of sends)."""
         head, payload = frame.header_and_meta()
-        # Unidirectional: a stream is done (and its credit returned) once its FIN is read; a
-        # bidirectional one whose reverse side is never closed would use up the stream limit.
-        stream_id = self._quic.get_next_available_stream_id(is_unidirectional=True)
-        if payload is None:
-            self._quic.send_stream_data(stream_id, head, end_stream=True)
+        size = len(head) + (0 if payload is None else payload.nbytes)
+        quic = self._quic
+        if size <= SHARED_STREAM_FRAME_LIMIT:
+            # One write: a copy of a few KB costs less than a second send_stream_data.
+            data = head if payload is None else head + payload
+            quic.send_stream_data(self._shared_stream_id(), data)
         else:
-            self._quic.send_stream_data(stream_id, head, end_stream=False)
-            self._quic.send_stream_data(stream_id, payload, end_stream=True)
-        self.bytes_sent += len(head) + (0 if payload is None else payload.nbytes)
+            # Unidirectional: a stream is done (and its credit returned) once its FIN is read;
+            # a bidirectional one whose reverse side is never closed would use up the limit.
+            stream_id = quic.get_next_available_stream_id(is_unidirectional=True)
+            quic.send_stream_data(stream_id, head, end_stream=payload is None)
+            if payload is not None:
+                quic.send_stream_data(stream_id, payload, end_stream=True)
+        self.bytes_sent += size
         self._piggyback_ack()
+
+    def _shared_stream_id(self) -> int:
+        """The long-lived stream of small frames; the caller sends on it at once (aioquic hands
+        out the same new id until data is sent on it)."""
+        if self._shared_stream is None:
+            self._shared_stream = self._quic.get_next_available_stream_id(is_unidirectional=True)
+        return self._shared_stream
 
     def _piggyback_ack(self) -> None:
         """Send a pending ACK now, inside the frame's packet, instead of alone when its delay
@@ -349,6 +379,9 @@ class MeshConnection(QuicConnectionProtocol):
             self._stream_data(event.stream_id, event.data, event.end_stream)
         elif isinstance(event, StreamReset):
             self._decoders.pop(event.stream_id, None)
+        elif isinstance(event, StopSendingReceived) and event.stream_id == self._shared_stream:
+            # The peer refused a frame on it and aioquic reset it: later frames take a new one.
+            self._shared_stream = None
         elif isinstance(event, ConnectionTerminated):
             self._report_closed()
 
@@ -380,7 +413,10 @@ class MeshConnection(QuicConnectionProtocol):
         if end_stream:
             self._decoders.pop(stream_id, None)
         else:
+            # The rest of the stream cannot be framed: ignore it, and have the peer stop it (its
+            # later small frames then move to a new long-lived stream).
             self._decoders[stream_id] = None
+            self._quic.stop_stream(stream_id, REFUSED_STREAM_ERROR)
         self.send(make_error_frame(error.code, str(error)))
         if not self.authenticated:
             self.close(error_code=0x100, reason_phrase="unauthenticated")

@@ -127,7 +127,7 @@ def test_frames_with_tensors_round_trip(identities: tuple[Identity, Identity]) -
                 connection.send(Frame(Kind.ECHO, index, {"index": index, "note": "é"}, tensor))
             await client.wait_for(lambda: len(client.frames) == len(tensors))
             await dialer.close()
-        # One stream per frame: streams are independent, so frames may overtake each other.
+        # The 4 MiB frame has a stream of its own, so the frames may overtake each other.
         answers = sorted(client.frames, key=lambda frame: frame.message_id)
         for index, (frame, tensor) in enumerate(zip(answers, tensors, strict=True), 1):
             assert (frame.kind, frame.message_id) == (Kind.ECHO, index)
@@ -223,6 +223,45 @@ def test_bad_frames_get_error_frames_and_the_link_keeps_serving(
         echoed = client.frames.pop()
         assert (echoed.kind, echoed.message_id, echoed.meta) == (Kind.ECHO, 5, {"still": "serving"})
         assert [frame.kind for frame in server.frames] == [Kind.HELLO, Kind.ECHO]
+
+    run(scenario)
+
+
+def test_small_frames_share_a_stream_that_a_refused_frame_replaces(
+    identities: tuple[Identity, Identity],
+) -> None:
+    server_identity, peer_identity = identities
+    token = new_join_token()
+
+    async def scenario() -> None:
+        server, client = Recorder(echo=True), Recorder()
+        async with mesh_server(server_identity, server, token) as listening:
+            dialer = Dialer(peer_identity, token)
+            connection = await dialer.dial(HOST, bound_port(listening), client, {"node_id": "p"})
+            for index in range(1, 4):
+                connection.send(Frame(Kind.ECHO, index, {}, torch.ones(576)))
+            connection.send(Frame(Kind.ECHO, 4, {}, torch.ones(256, 256)))  # 256 KiB
+            await client.wait_for(lambda: len(client.of_kind(Kind.ECHO)) == 4)
+            shared = connection._shared_stream
+            assert shared is not None
+            # HELLO and the small frames on one stream, the large frame on one of its own.
+            (accepted,) = set(listening._protocols.values())
+            assert isinstance(accepted, MeshConnection)
+            assert set(accepted._decoders) == {shared}
+
+            # A frame the receiver refuses leaves the rest of its stream unframeable: the
+            # receiver answers ERROR and stops the stream, and later frames take a new one.
+            connection._quic.send_stream_data(shared, b"XXXX" + bytes(HEADER.size - 4))
+            connection.transmit()
+            await client.wait_for(lambda: bool(client.of_kind(Kind.ERROR)))
+            assert client.of_kind(Kind.ERROR)[0].meta["code"] == "bad_magic"
+            await eventually(lambda: connection._shared_stream is None)
+            connection.send(Frame(Kind.ECHO, 5, {"after": "refusal"}, torch.ones(576)))
+            await client.wait_for(lambda: len(client.of_kind(Kind.ECHO)) == 5)
+            assert connection._shared_stream not in (None, shared)
+            assert not connection.closed
+            await dialer.close()
+        assert client.of_kind(Kind.ECHO)[-1].meta == {"after": "refusal"}
 
     run(scenario)
 
