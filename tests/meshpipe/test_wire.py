@@ -1,0 +1,66 @@
+"""The frame codec without sockets: frames survive any split or merge of the stream's chunks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from meshpipe.wire import HEADER, Frame, FrameDecoder, FrameError, Kind
+
+FRAMES = [
+    Frame(Kind.ECHO, 1, {}, torch.arange(576, dtype=torch.float32).view(1, 576)),
+    Frame(Kind.HEARTBEAT, 2, {"ping": True}),
+    Frame(Kind.BATCH, 3, {"spans": [[0, 0, 2]]}, torch.ones(2, 3, dtype=torch.bfloat16)),
+    Frame(Kind.ERROR, 4),
+    Frame(Kind.TOKENS, 5, {}, torch.tensor([7], dtype=torch.int64)),
+]
+STREAM = b"".join(frame.encode() for frame in FRAMES)
+
+
+def assert_same(decoded: list[Frame]) -> None:
+    assert len(decoded) == len(FRAMES)
+    for frame, sent in zip(decoded, FRAMES, strict=True):
+        assert (frame.kind, frame.message_id, frame.meta) == (sent.kind, sent.message_id, sent.meta)
+        if sent.tensor is None:
+            assert frame.tensor is None
+        else:
+            assert frame.tensor is not None and frame.tensor.dtype == sent.tensor.dtype
+            assert torch.equal(frame.tensor, sent.tensor)
+
+
+def test_frames_merged_in_one_chunk() -> None:
+    decoder = FrameDecoder()
+    assert_same(decoder.feed(STREAM))
+    decoder.finish()
+
+
+@pytest.mark.parametrize("chunk", [1, 7, HEADER.size, HEADER.size + 1, 1000, 2351])
+def test_frames_split_into_chunks(chunk: int) -> None:
+    decoder = FrameDecoder()
+    decoded = []
+    for start in range(0, len(STREAM), chunk):
+        decoded += decoder.feed(STREAM[start : start + chunk])
+    assert_same(decoded)
+    decoder.finish()
+
+
+def test_a_split_at_every_offset() -> None:
+    for cut in range(1, len(STREAM)):
+        decoder = FrameDecoder()
+        assert_same(decoder.feed(STREAM[:cut]) + decoder.feed(STREAM[cut:]))
+
+
+def test_received_tensors_are_writable_and_independent_of_the_chunk() -> None:
+    chunk = bytearray(FRAMES[0].encode())
+    (frame,) = FrameDecoder().feed(bytes(chunk))
+    assert frame.tensor is not None
+    frame.tensor.add_(1)  # its own memory: no warning, no effect on the chunk
+    assert float(frame.tensor[0, 0]) == 1.0
+
+
+def test_a_stream_that_ends_inside_a_frame_is_truncated() -> None:
+    decoder = FrameDecoder()
+    assert decoder.feed(STREAM[:-3]) != []
+    with pytest.raises(FrameError) as error:
+        decoder.finish()
+    assert error.value.code == "truncated"
