@@ -32,7 +32,7 @@ _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 SIGNATURES = {
     "q4_1_matmul": [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64, _ptr],
     "q8_0_matmul": [_ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr],
-    "decode_attention": [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, *[_i64] * 5, _ptr],
+    "decode_attention": [*[_ptr] * 8, *[_i64] * 5, _ptr],
 }
 
 
@@ -66,28 +66,36 @@ class NativeKernels:
         return y
 
     def decode_attention(
-        self, q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, lengths: Tensor
+        self,
+        qkv: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        slots: Tensor,
+        positions: Tensor,
+        caches: tuple[Tensor, Tensor],
+        heads: int,
     ) -> Tensor:
-        """One query `[B, H, hd]` per sequence against the first `lengths[b]` cached keys of
-        slot `slots[b]` (caches `[S, kvh, capacity, hd]`, read in place) -> `[B, H, hd]`."""
-        batch, heads, dim = q.shape
-        kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
-        q = q.contiguous()
-        out = torch.empty_like(q)
-        scores = torch.empty(capacity)
+        """A decode step's attention from the fused projection `qkv` `[B, (H + 2 kvh) * hd]`:
+        rotate q and k (cos, sin `[B, hd]`), write k and v at each sequence's (slot, position)
+        of the caches `[S, kvh, capacity, hd]`, attend over the slot's keys -> `[B, H * hd]`."""
+        k_cache, v_cache = caches
+        _, kv_heads, capacity, dim = k_cache.shape
+        batch = qkv.shape[0]
+        assert qkv.shape[1] == (heads + 2 * kv_heads) * dim and k_cache.is_contiguous()
+        assert dim % LANES == 0 and dim <= 256
+        qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
+        out = torch.empty(batch, heads * dim)
+        scratch = torch.empty(capacity + dim)
+        pointers = [qkv, cos, sin, slots.contiguous(), positions.contiguous(), k_cache, v_cache]
         self.library.decode_attention(
-            q.data_ptr(),
-            k_cache.data_ptr(),
-            v_cache.data_ptr(),
-            slots.data_ptr(),
-            lengths.data_ptr(),
+            *(tensor.data_ptr() for tensor in pointers),
             out.data_ptr(),
             batch,
             heads,
             kv_heads,
             capacity,
             dim,
-            scores.data_ptr(),
+            scratch.data_ptr(),
         )
         return out
 
