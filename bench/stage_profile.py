@@ -9,15 +9,25 @@ per batch size for each variant: `graph` (the worker's CUDA graphs of eager ops,
 captured). Prints each
 variant's step time, the bandwidth it reaches on the weight bytes, and the top kernels of an
 eager step; writes JSON with `--output`.
+
+With `--host`, it also times the host side of a worker's step for each batch (compiled
+variant): a BATCH frame as the gateway sends it is decoded, parsed and run through the worker's
+own `_run` (directly, and through its compute thread as the event loop hands it over), and the
+result framed for the next hop. The wall time over the graph replay's device time is what a
+single stream pays per stage beyond the GPU work.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
 import statistics
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +35,11 @@ import torch
 
 from meshpipe.models.config import ModelConfig
 from meshpipe.models.synth import PRESETS, preset_config
+from meshpipe.wire import Frame, FrameDecoder, Kind
+from worker.batch import Batch
 from worker.cuda_graphs import DecodeGraphs
 from worker.model import Span, Stage, StagePlan
+from worker.node import WorkerNode, WorkerSettings
 
 
 def build(preset: str, layers: int, head: bool, slots: int, max_seq_len: int) -> Stage:
@@ -114,6 +127,73 @@ def top_kernels(stage: Stage, batch: int, context: int, count: int = 8) -> list[
     ]
 
 
+def worker_node(graphs: DecodeGraphs) -> WorkerNode:
+    """A worker holding this stage and its graphs, as after an assignment (no links)."""
+    os.environ.setdefault("MESHPIPE_HOME", tempfile.mkdtemp(prefix="meshpipe-profile-"))
+    settings = WorkerSettings("127.0.0.1", 0, "profile", "cuda", "bfloat16")
+    node = WorkerNode(settings)
+    node.stage, node.graphs, node.plan = graphs.stage, graphs, graphs.stage.plan
+    node.config, node.plan_id = graphs.stage.config, 1
+    return node
+
+
+def batch_bytes(stage: Stage, batch: int, context: int) -> bytes:
+    """A decode BATCH frame as the gateway (or the previous stage) sends it, greedy."""
+    spans = [[slot, context - 1 - (slot * 7) % 64, 1] for slot in range(batch)]
+    meta = {
+        "spans": spans,
+        "sample": [[row, 0, 1.0, 0, 0, -1] for row in range(batch)],
+        "requests": {str(slot): f"request-{slot}" for slot in range(batch)},
+        "timings": [],
+        "plan_id": 1,
+    }
+    return Frame(Kind.BATCH, 7, meta, inputs(stage, batch).cpu()).encode()
+
+
+def time_host(graphs: DecodeGraphs, batch: int, context: int, repeats: int) -> dict[str, float]:
+    """Median ms of each part of a worker's step on the host, with the replay's device time."""
+    node = worker_node(graphs)
+    data = batch_bytes(graphs.stage, batch, context)
+    parts: dict[str, list[float]] = {}
+
+    def timed(name: str, work: Callable[[], Any]) -> Any:
+        started = time.perf_counter()
+        result = work()
+        parts.setdefault(name, []).append(1000 * (time.perf_counter() - started))
+        return result
+
+    async def through_thread(batch: Batch) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(node.executor, node._run, batch)
+
+    def one() -> None:
+        frame = timed("decode_frame", lambda: FrameDecoder().feed(data)[0])
+        parsed = timed("parse_batch", lambda: node._parse(frame))
+        result, _ = timed("run_direct", lambda: node._run(parsed))
+        timed("run_via_thread", lambda: asyncio.run(through_thread(parsed)))
+        if node._replays_here(parsed):
+            timed("replay_on_loop", lambda: asyncio.run(node._replay(parsed)))
+        timed("encode_result", lambda: parsed.forward_frame(result).header_and_meta())
+
+    for _ in range(5):
+        one()
+    parts.clear()
+    for _ in range(repeats):
+        one()
+    figures = {name: statistics.median(values) for name, values in parts.items()}
+    # asyncio.run builds a loop each time: time a bare loop round trip to take it out
+    loop_cost = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        asyncio.run(asyncio.sleep(0))
+        loop_cost.append(1000 * (time.perf_counter() - started))
+    for name in ("run_via_thread", "replay_on_loop"):
+        if name in figures:
+            figures[name] -= statistics.median(loop_cost)
+    node.executor.shutdown()
+    return figures
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="llama3-8b", choices=sorted(PRESETS))
@@ -123,6 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--variants", default="graph,compiled")
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--host", action="store_true", help="time a worker's host side too")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
@@ -143,6 +224,13 @@ def main(argv: list[str] | None = None) -> None:
                 f"{variant:9s} batch {batch:3d}: {ms:7.3f} ms/step  {gbs:5.0f} GB/s of weights"
                 f"  first step {first:6.1f} s  rel. error vs eager {error:.1e}"
             )
+            if args.host and variant == "compiled":
+                host = time_host(graphs, batch, args.context, args.repeats)
+                result["steps"][f"{variant}/b{batch}"]["host_ms"] = host
+                print(
+                    "    host side, median ms: "
+                    + ", ".join(f"{k} {v:.3f}" for k, v in host.items())
+                )
             if variant == "graph":
                 with torch.inference_mode():
                     kernels = top_kernels(stage, batch, args.context)

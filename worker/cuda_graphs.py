@@ -30,7 +30,8 @@ WARMUP_STEPS = 2
 @dataclass
 class CapturedStep:
     graph: torch.cuda.CUDAGraph
-    output: Tensor
+    output: Tensor  # [bucket, D] hidden states, or [bucket, V] logits on the last stage
+    tokens: Tensor | None  # [bucket] the greedy token of each row, on the last stage
 
 
 class DecodeGraphs:
@@ -46,54 +47,87 @@ class DecodeGraphs:
         self.device = stage.inv_freq.device
         self.max_batch = max(b for b in BATCH_BUCKETS if b <= max(stage.plan.num_slots, 1) * 2)
         self.scratch_slot = stage.plan.num_slots  # allocated by allocate_cache(extra_slots=1)
-        hidden = stage.config.hidden_size
+        # slots, positions (and token ids on the first stage) of a step: one copy to the device
+        rows = 3 if stage.plan.is_first else 2
+        self.indices = torch.zeros(rows, self.max_batch, dtype=torch.long, device=self.device)
+        self.indices[0].fill_(self.scratch_slot)
+        self.slots, self.positions = self.indices[0], self.indices[1]
         if stage.plan.is_first:
-            self.inputs = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
+            self.inputs = self.indices[2]
         else:
             dtype = stage.layers[0].input_layernorm.weight.dtype
-            self.inputs = torch.zeros(self.max_batch, hidden, dtype=dtype, device=self.device)
-        self.slots = torch.full((self.max_batch,), self.scratch_slot, device=self.device)
-        self.positions = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
-        self.host_indices = torch.zeros(2, self.max_batch, dtype=torch.long).pin_memory()
+            shape = (self.max_batch, stage.config.hidden_size)
+            self.inputs = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.host_indices = torch.zeros(rows, self.max_batch, dtype=torch.long).pin_memory()
+        self.host_view = self.host_indices.numpy()  # written with numpy: no torch op per field
+        self.copied = torch.cuda.Event()  # the last copy out of host_indices
         self.pool = torch.cuda.graph_pool_handle()
         self.captured: dict[tuple[int, int], CapturedStep] = {}
 
     @torch.inference_mode()
     def warm(self) -> None:
-        """Capture a batch of one and of two: every compilation happens here, at load time."""
-        for bucket in sorted({1, min(2, self.max_batch)}):
-            context = min(CONTEXT_BUCKET, self.stage.plan.max_seq_len)
-            if (bucket, context) not in self.captured:
+        """Capture every batch bucket at the first context bucket: the compilations (batches of
+        one and two) and the captures of short contexts happen here, at load time, not on a
+        request."""
+        context = min(CONTEXT_BUCKET, self.stage.plan.max_seq_len)
+        for bucket in BATCH_BUCKETS:
+            if bucket <= self.max_batch and (bucket, context) not in self.captured:
                 self._capture(bucket, context)
 
     def handles(self, spans: list[Span]) -> bool:
         return all(span.length == 1 for span in spans) and len(spans) <= self.max_batch
 
-    @torch.inference_mode()
-    def run(self, inputs: Tensor, spans: list[Span]) -> Tensor:
-        """The stage's output for a decode batch: hidden states, or logits on the last stage."""
-        count = len(spans)
-        bucket = next(b for b in BATCH_BUCKETS if b >= count)
+    def captured_for(self, spans: list[Span]) -> bool:
+        """Whether a decode batch replays a graph captured already (no capture, no compile)."""
+        return self.handles(spans) and self._key(spans) in self.captured
+
+    def _key(self, spans: list[Span]) -> tuple[int, int]:
+        """(batch bucket, context bucket) of a decode batch."""
+        bucket = next(b for b in BATCH_BUCKETS if b >= len(spans))
         context = max(span.start for span in spans) + 1
         context = min(-(-context // CONTEXT_BUCKET) * CONTEXT_BUCKET, self.stage.plan.max_seq_len)
-        host = self.host_indices
-        host[0].fill_(self.scratch_slot)
-        host[1].zero_()
-        host[0, :count] = torch.tensor([span.slot for span in spans])
-        host[1, :count] = torch.tensor([span.start for span in spans])
-        self.slots.copy_(host[0], non_blocking=True)
-        self.positions.copy_(host[1], non_blocking=True)
-        self.inputs[:count].copy_(inputs, non_blocking=True)
+        return bucket, context
+
+    @torch.inference_mode()
+    def run(self, inputs: Tensor, spans: list[Span], greedy: bool = False) -> Tensor:
+        """The stage's output for a decode batch: hidden states, or on the last stage the
+        logits (the greedy token ids with `greedy`). `inputs` may be on the host.
+
+        The host side of a step is what a single stream waits for between stages, so it is
+        kept to a few launches: the indices are written into a pinned buffer with numpy and
+        copied in one transfer, hidden states straight into the graph's input buffer."""
+        count = len(spans)
+        bucket, context = self._key(spans)
+        self.copied.synchronize()  # the previous step's transfer has left the pinned buffer
+        host = self.host_view
+        host[0, count:bucket] = self.scratch_slot
+        host[1, count:bucket] = 0
+        host[0, :count] = [span.slot for span in spans]
+        host[1, :count] = [span.start for span in spans]
+        if self.stage.plan.is_first:
+            host[2, :count] = inputs.numpy(force=True)
+            host[2, count:bucket] = 0
+        else:
+            self.inputs[:count].copy_(inputs, non_blocking=True)
+        self.indices[:, :bucket].copy_(self.host_indices[:, :bucket], non_blocking=True)
+        self.copied.record()
         step = self.captured.get((bucket, context)) or self._capture(bucket, context)
         step.graph.replay()
+        if greedy:
+            assert step.tokens is not None, "greedy tokens come from the last stage"
+            return step.tokens[:count]
         return step.output[:count]
 
-    def _step(self, inputs: Tensor, slots: Tensor, positions: Tensor, context: int) -> Tensor:
+    def _step(
+        self, inputs: Tensor, slots: Tensor, positions: Tensor, context: int
+    ) -> tuple[Tensor, Tensor | None]:
         step = self.stage.decode_inputs(slots, positions, context)
-        return self.stage.run(inputs, step, None)
+        output = self.stage.run(inputs, step, None)
+        # the argmax in the graph: a greedy step needs no launch after the replay but the copy
+        return output, output.argmax(dim=-1) if self.stage.plan.is_last else None
 
     def _capture(self, bucket: int, context: int) -> CapturedStep:
-        def body() -> Tensor:
+        def body() -> tuple[Tensor, Tensor | None]:
             slots, positions = self.slots[:bucket], self.positions[:bucket]
             return self.step(self.inputs[:bucket], slots, positions, context)
 
@@ -110,8 +144,8 @@ class DecodeGraphs:
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            output = body()
+            output, tokens = body()
         self.slots.copy_(saved[0])
         self.positions.copy_(saved[1])
-        self.captured[(bucket, context)] = CapturedStep(graph, output)
+        self.captured[(bucket, context)] = CapturedStep(graph, output, tokens)
         return self.captured[(bucket, context)]
