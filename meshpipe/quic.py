@@ -31,6 +31,7 @@ from aioquic.buffer import size_uint_var
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.congestion.base import create_congestion_control
 from aioquic.quic.connection import QuicConnection
+from aioquic.quic.crypto import CryptoPair
 from aioquic.quic.events import (
     ConnectionTerminated,
     QuicEvent,
@@ -38,8 +39,8 @@ from aioquic.quic.events import (
     StreamDataReceived,
     StreamReset,
 )
-from aioquic.quic.packet import QuicFrameType
-from aioquic.quic.packet_builder import QuicPacketBuilder
+from aioquic.quic.packet import QuicFrameType, QuicPacketType
+from aioquic.quic.packet_builder import QuicPacketBuilder, QuicPacketBuilderStop
 from aioquic.quic.recovery import QuicPacketPacer, QuicPacketSpace
 from aioquic.quic.stream import QuicStream
 from aioquic.tls import Epoch
@@ -75,6 +76,9 @@ CONGESTION_CONTROL = "reno"
 # aioquic writes a STREAM frame's length as a 2-byte varint (at most 16383): larger datagrams
 # need the 4-byte field of _write_wide_stream_frame below.
 NARROW_STREAM_FRAME_LIMIT = 16383
+# A 1-RTT packet that ends with more room than this held everything that was due: a frame is
+# cut to fit only when the packet is full (see _ApplicationPacketBuilder).
+ROOM_LEFT_BYTES = 64
 # Kernel socket buffers (clamped to net.core.{r,w}mem_max): the default 208 KiB holds only a
 # few large datagrams, and a burst beyond it is dropped and retransmitted.
 SOCKET_BUFFER_BYTES = 4 << 20
@@ -204,6 +208,42 @@ def _write_wide_stream_frame(
     return sender.highest_offset - previous_send_highest
 
 
+class _ApplicationPacketBuilder(QuicPacketBuilder):
+    """aioquic's builder, for the 1-RTT packets of one transmit, without the empty last packet.
+
+    aioquic's _write_application starts one more packet after each it fills, and stops at the
+    first that stays empty: a packet set up, and a pass over every kind of frame, on every
+    transmit for nothing. A packet that ended with room to spare held all that was due, so
+    the next one stops here instead (datagrams_to_send catches QuicPacketBuilderStop as the
+    end of the packets). Not when a stream was discarded meanwhile: aioquic announces the
+    stream credit that returns in the next packet.
+    """
+
+    streams: dict[int, QuicStream]
+    stream_count: int
+
+    def start_packet(self, packet_type: QuicPacketType, crypto: CryptoPair) -> None:
+        if (
+            self._packet is not None
+            and not self.packet_is_empty
+            and self.remaining_flight_space > ROOM_LEFT_BYTES
+            and len(self.streams) == self.stream_count
+        ):
+            raise QuicPacketBuilderStop
+        self.stream_count = len(self.streams)
+        super().start_packet(packet_type, crypto)
+
+
+def _write_application_without_empty_packet(
+    self: QuicConnection, builder: QuicPacketBuilder, network_path: Any, now: float
+) -> None:
+    """aioquic's _write_application, with the builder of _ApplicationPacketBuilder."""
+    builder.__class__ = _ApplicationPacketBuilder  # the same object, one method overridden
+    assert isinstance(builder, _ApplicationPacketBuilder)
+    builder.streams, builder.stream_count = self._streams, len(self._streams)
+    QuicConnection._write_application(self, builder, network_path, now)
+
+
 class MeshConnection(QuicConnectionProtocol):
     """One QUIC connection carrying meshpipe frames: small ones on a long-lived stream, large
     ones on a stream each."""
@@ -211,6 +251,9 @@ class MeshConnection(QuicConnectionProtocol):
     def __init__(self, *args: Any, handler: FrameHandler, token: str, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._use_wide_frames_if_needed()
+        self._quic._write_application = types.MethodType(  # type: ignore[method-assign]
+            _write_application_without_empty_packet, self._quic
+        )
         self._path_known = self._quic._is_client  # a client dialled a host it sized for
         self._receiving = self._answered = False
         self.handler = handler
@@ -220,6 +263,7 @@ class MeshConnection(QuicConnectionProtocol):
         self.max_payload = DEFAULT_MAX_PAYLOAD_BYTES
         self._decoders: dict[int, FrameDecoder | None] = {}
         self._shared_stream: int | None = None  # opened by the first small frame
+        self._unacknowledged = 0  # datagrams received since our last ACK, see _piggyback_ack
         self._welcome: asyncio.Future[Frame] | None = None
         self._keepalive: asyncio.Task[None] | None = None
         self._closed_reported = False
@@ -264,11 +308,21 @@ class MeshConnection(QuicConnectionProtocol):
         return self._shared_stream
 
     def _piggyback_ack(self) -> None:
-        """Send a pending ACK now, inside the frame's packet, instead of alone when its delay
-        expires: in a request/answer exchange that saves a datagram each way."""
+        """Send a pending ACK inside the frame's packet, instead of alone when its delay
+        expires (a datagram saved each way in a request/answer exchange), once two packets
+        wait for it: an ACK for every other packet, as RFC 9000 section 13.2.2 recommends,
+        halves the ACK frames to build and process; a lone packet is acknowledged by its
+        timer (1 ms) or by the next frame after the next packet."""
         space = self._quic._spaces.get(Epoch.ONE_RTT)
-        if space is not None and space.ack_at is not None:
+        if space is not None and space.ack_at is not None and self._unacknowledged >= 2:
             space.ack_at = 0.0
+
+    def _count_unacknowledged(self, space: QuicPacketSpace | None, waiting: bool) -> None:
+        """After a received datagram: how many datagrams our next ACK would cover. It errs
+        high (a datagram of ACKs alone counts if an ACK was pending), which only sends an
+        ACK sooner."""
+        if space is not None and space.ack_at is not None:
+            self._unacknowledged = self._unacknowledged + 1 if waiting else 1
 
     def transmit(self) -> None:
         """Send what is due now; a transmit scheduled for later has nothing left to do."""
@@ -337,8 +391,11 @@ class MeshConnection(QuicConnectionProtocol):
             self._fit_datagrams_to(addr[0])
         self._receiving, self._answered = True, False
         in_flight = self._quic._loss.bytes_in_flight
+        space = self._quic._spaces.get(Epoch.ONE_RTT)
+        waiting = space is not None and space.ack_at is not None
         try:
             self._quic.receive_datagram(cast(bytes, data), addr, now=self._loop.time())
+            self._count_unacknowledged(space, waiting)
             self._process_events()
         finally:
             self._receiving = False

@@ -11,11 +11,13 @@ import torch
 from aioquic.asyncio import connect
 from aioquic.asyncio.server import QuicServer
 from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet_builder import QuicPacketBuilder
 
 from meshpipe.identity import Identity, load_or_create_identity, new_join_token
 from meshpipe.quic import (
     LAN_DATAGRAM_SIZE,
     LOOPBACK_DATAGRAM_SIZE,
+    SHARED_STREAM_FRAME_LIMIT,
     SMALLEST_DATAGRAM_SIZE,
     Dialer,
     JoinRefused,
@@ -340,12 +342,74 @@ def test_a_listener_sizes_datagrams_for_each_peers_path(
     run(scenario)
 
 
+def connected_pair(identities: tuple[Identity, Identity]) -> tuple[QuicConnection, QuicConnection]:
+    """A client and a server connection, handshake done, pumped in memory (no sockets)."""
+    server_identity, peer_identity = identities
+    client = QuicConnection(
+        configuration=configuration(True, peer_identity, LOOPBACK_DATAGRAM_SIZE)
+    )
+    server = QuicConnection(
+        configuration=configuration(False, server_identity, LOOPBACK_DATAGRAM_SIZE),
+        original_destination_connection_id=client.original_destination_connection_id,
+    )
+    for quic in (client, server):  # what MeshConnection does to its connection
+        MeshConnection(quic, handler=Recorder(), token="")
+    client.connect(("server", 1), now=1.0)
+    for _ in range(4):
+        for sender, receiver, address in ((client, server, "client"), (server, client, "server")):
+            for data, _ in sender.datagrams_to_send(now=1.0):
+                receiver.receive_datagram(data, (address, 1), now=1.0)
+    assert client._handshake_confirmed and server._handshake_confirmed
+    return client, server
+
+
+def test_a_transmit_builds_the_packets_it_needs_and_no_empty_one(
+    identities: tuple[Identity, Identity],
+) -> None:
+    async def scenario() -> None:
+        client, server = connected_pair(identities)
+        started = 0
+        start_packet = QuicPacketBuilder.start_packet
+
+        def counting(builder: QuicPacketBuilder, *args: object) -> None:
+            nonlocal started
+            started += 1
+            start_packet(builder, *args)  # type: ignore[arg-type]
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(QuicPacketBuilder, "start_packet", counting)
+            # Time stands still here: without pacing, as when it moves on in a real link.
+            patch.setattr(client._loss._pacer, "next_send_time", lambda now: None)
+            client.send_stream_data(2, bytes(2304))
+            assert len(client.datagrams_to_send(now=2.0)) == 1
+            assert started == 1  # aioquic alone starts a second packet, which stays empty
+            started = 0
+            client.send_stream_data(6, bytes(100_000), end_stream=True)
+            sent: list[bytes] = []
+            idle = 0  # transmits with nothing left: each sets up one packet, which stays empty
+            for step in range(3):
+                datagrams = client.datagrams_to_send(now=3.0 + step / 1000)
+                sent += [data for data, _ in datagrams]
+                idle += not datagrams
+        assert started == len(sent) + idle
+        assert [len(data) for data in sent[:-1]] == [LOOPBACK_DATAGRAM_SIZE] * (len(sent) - 1)
+        for data in sent:
+            server.receive_datagram(data, ("client", 1), now=4.0)
+        events = iter(server.next_event, None)
+        received = [event for event in events if getattr(event, "stream_id", None) == 6]
+        assert sum(len(event.data) for event in received) == 100_000 and received[-1].end_stream
+
+    run(scenario)
+
+
 def test_a_burst_beyond_the_stream_limit_arrives_whole(
     identities: tuple[Identity, Identity],
 ) -> None:
     server_identity, peer_identity = identities
     token = new_join_token()
-    frames = 400  # aioquic lets 128 streams be open at once: the rest wait for MAX_STREAMS
+    # Large frames, a stream each: aioquic lets 128 streams be open at once, the rest wait
+    # for the MAX_STREAMS credit that finished ones return.
+    frames, values = 160, SHARED_STREAM_FRAME_LIMIT // 4 + 1
 
     async def scenario() -> None:
         server, client = Recorder(echo=True), Recorder()
@@ -353,7 +417,7 @@ def test_a_burst_beyond_the_stream_limit_arrives_whole(
             dialer = Dialer(peer_identity, token)
             connection = await dialer.dial(HOST, bound_port(listening), client, {"node_id": "p"})
             for index in range(1, frames + 1):
-                connection.queue(Frame(Kind.ECHO, index, {}, torch.full((4,), float(index))))
+                connection.queue(Frame(Kind.ECHO, index, {}, torch.full((values,), float(index))))
             connection.transmit()  # one transmit for the whole batch
             await client.wait_for(lambda: len(client.of_kind(Kind.ECHO)) == frames)
             await dialer.close()
