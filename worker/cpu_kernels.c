@@ -278,3 +278,17 @@ void decode_attention(const float *qkv, const float *cos, const float *sin, cons
   }
 #undef DIM
 }
+
+/* RMS norm of `rows` rows of `dim` floats: out = x / sqrt(mean(x^2) + eps) * weight. */
+void rms_norm(const float *x, const float *weight, int64_t rows, int64_t dim, float eps,
+              float *out) {
+  for (int64_t r = 0; r < rows; r++) {
+    const float *row = x + r * dim;
+    float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+    for (int64_t i = 0; i < dim; i++) squares += row[i] * row[i];
+    const float scale = 1.0f / sqrtf(squares / (float)dim + eps);
+#pragma omp simd
+    for (int64_t i = 0; i < dim; i++) out[r * dim + i] = weight[i] * (row[i] * scale);
+  }
+}

@@ -33,6 +33,7 @@ SIGNATURES = {
     "q4_1_matmul": [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64, _ptr],
     "q8_0_matmul": [_ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr],
     "decode_attention": [*[_ptr] * 8, *[_i64] * 5, _ptr],
+    "rms_norm": [_ptr, _ptr, _i64, _i64, ctypes.c_float, _ptr],
 }
 
 
@@ -97,6 +98,15 @@ class NativeKernels:
             dim,
             scratch.data_ptr(),
         )
+        return out
+
+    def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        """`x / sqrt(mean(x^2) + eps) * weight` over the last dimension of float32 `x`."""
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        dim = x.shape[-1]
+        rows = x.numel() // dim
+        self.library.rms_norm(x.data_ptr(), weight.data_ptr(), rows, dim, eps, out.data_ptr())
         return out
 
 

@@ -313,7 +313,7 @@ class WorkerNode:
                     native,
                 )
         if self.kernels.native and self.settings.device == "cpu" and dtype == torch.float32:
-            stage.use_native_attention(self.kernels.native)
+            stage.use_native_kernels(self.kernels.native)
         # One scratch slot for the padding rows of CUDA-graph batches.
         stage.allocate_cache(dtype, extra_slots=1 if self.settings.device == "cuda" else 0)
         return stage.eval()

@@ -139,7 +139,7 @@ def test_native_attention_decodes_like_torch_and_alone_like_in_a_batch(default_m
     kernels = Kernels(True)
     use_blocks(stage, default_model, kernels)
     assert kernels.native is not None
-    stage.use_native_attention(kernels.native)
+    stage.use_native_kernels(kernels.native)
     prompts = [[1, 504, 3458, 282, 4649, 314], [1, 42], [1, 7, 7, 7, 9], [2] * 40, [1, 99, 3]]
     with torch.inference_mode():
         for model in (reference, stage):
