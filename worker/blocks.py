@@ -103,8 +103,7 @@ class BlockLinear(nn.Module):
         if self.native is not None:
             self.max_rows = NATIVE_MAX_ROWS
             self.fields = [tiled(fields[name], LANES) for name in names]
-            native = self.native
-            self.product = native.q4_1_matmul if kind == "q4_1" else native.q8_0_matmul
+            self.product = self.native.product(kind, self.fields)
             return
         self.max_rows = MAX_ROWS
         self.fields = [tiled(fields[name]) for name in names]
@@ -119,7 +118,7 @@ class BlockLinear(nn.Module):
         if not 0 < rows <= self.max_rows:
             return nn.functional.linear(x, self.weight)
         if self.native is not None:
-            return self.product(x.contiguous(), *self.fields)
+            return self.product(x.contiguous())
         return self.kernels[rows - 1](x.contiguous(), *self.fields)
 
 

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
@@ -46,25 +47,10 @@ class NativeKernels:
             function = getattr(library, name)
             function.argtypes, function.restype = arguments, None
 
-    def q4_1_matmul(self, x: Tensor, qs: Tensor, d: Tensor, m: Tensor) -> Tensor:
-        """`x` `[R, K]` float32 times Q4_1 blocks tiled by `LANES` -> `[R, N]`."""
-        rows, k = x.shape
-        n = d.numel() // (k // 32)
-        y = torch.empty(rows, n)
-        self.library.q4_1_matmul(
-            x.data_ptr(), rows, k, qs.data_ptr(), d.data_ptr(), m.data_ptr(), n, y.data_ptr()
-        )
-        return y
-
-    def q8_0_matmul(self, x: Tensor, qs: Tensor, d: Tensor) -> Tensor:
-        """`x` `[R, K]` float32 times Q8_0 blocks tiled by `LANES` -> `[R, N]`."""
-        rows, k = x.shape
-        n = d.numel() // (k // 32)
-        y = torch.empty(rows, n)
-        self.library.q8_0_matmul(
-            x.data_ptr(), rows, k, qs.data_ptr(), d.data_ptr(), n, y.data_ptr()
-        )
-        return y
+    def product(self, kind: str, fields: list[Tensor]) -> BlockProduct:
+        """`x @ W.T` for W in Q4_1 (`qs`, `d`, `m`) or Q8_0 (`qs`, `d`) blocks tiled by `LANES`."""
+        function = self.library.q4_1_matmul if kind == "q4_1" else self.library.q8_0_matmul
+        return BlockProduct(function, fields)
 
     def decode_attention(
         self,
@@ -108,6 +94,25 @@ class NativeKernels:
         rows = x.numel() // dim
         self.library.rms_norm(x.data_ptr(), weight.data_ptr(), rows, dim, eps, out.data_ptr())
         return out
+
+
+class BlockProduct:
+    """One weight's block product, its pointers bound once: a stage makes about a hundred of
+    these calls a token, each a few microseconds of Python around the C."""
+
+    def __init__(self, function: Callable[..., None], fields: list[Tensor]) -> None:
+        tiles, blocks = fields[1].shape[:2]  # d: [N / LANES, K / 32, LANES]
+        self.function, self.fields = function, fields  # the fields stay alive with the pointers
+        self.pointers = [field.data_ptr() for field in fields]
+        self.n, self.k = tiles * LANES, blocks * 32
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """`x` `[R, K]` float32, contiguous -> `[R, N]`."""
+        rows = x.shape[0]
+        assert x.shape[1] == self.k and x.is_contiguous() and x.dtype == torch.float32
+        y = torch.empty(rows, self.n)
+        self.function(x.data_ptr(), rows, self.k, *self.pointers, self.n, y.data_ptr())
+        return y
 
 
 def _library_path() -> Path:

@@ -29,7 +29,7 @@ def test_q4_1_product_equals_the_dequantized_weight(native: NativeKernels) -> No
     values = torch.cat([qs & 15, qs >> 4], dim=2).float()  # elements 0-15, then 16-31
     weight = (values * d.float()[..., None] + m.float()[..., None]).reshape(n, k)
     fields = [tiled(field, LANES) for field in (qs, d, m)]
-    check_product(lambda x: native.q4_1_matmul(x, *fields), weight)
+    check_product(native.product("q4_1", fields), weight)
 
 
 def test_q8_0_product_equals_the_dequantized_weight(native: NativeKernels) -> None:
@@ -39,7 +39,7 @@ def test_q8_0_product_equals_the_dequantized_weight(native: NativeKernels) -> No
     d = (torch.rand(n, k // 32) * 0.02).half()
     weight = (qs.float() * d.float()[..., None]).reshape(n, k)
     fields = [tiled(field, LANES) for field in (qs, d)]
-    check_product(lambda x: native.q8_0_matmul(x, *fields), weight)
+    check_product(native.product("q8_0", fields), weight)
 
 
 def check_product(product, weight: torch.Tensor) -> None:
