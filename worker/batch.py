@@ -50,29 +50,36 @@ class Batch:
         return Frame(Kind.BATCH, self.batch_id, self.meta, hidden)
 
 
-def _int_list(value: object, length: int, what: str) -> list[int]:
-    if not (isinstance(value, list) and len(value) == length):
+def _ints(entry: object, length: int, what: str) -> list[int]:
+    """`entry` as a list of `length` integers (JSON booleans are not integers here)."""
+    if type(entry) is not list or len(entry) != length:
         raise FrameError("bad_batch", f"{what} must be a list of {length}")
-    if not all(isinstance(item, int) and not isinstance(item, bool) for item in value):
-        raise FrameError("bad_batch", f"{what} must hold integers")
-    return value
+    for item in entry:
+        if type(item) is not int:
+            raise FrameError("bad_batch", f"{what} must hold integers")
+    return entry
 
 
 def parse_spans(meta: dict, plan: StagePlan) -> list[Span]:
     raw = meta.get("spans")
     if not isinstance(raw, list) or not 0 < len(raw) <= MAX_SPANS:
         raise FrameError("bad_batch", f"spans must be a list of 1..{MAX_SPANS}")
-    spans = []
+    # A step of a large batch carries a span per sequence: these checks are kept to plain
+    # comparisons, as they run on every stage for every step.
+    spans, slots, context = [], plan.num_slots, plan.max_seq_len
     for entry in raw:
-        slot, start, length = _int_list(entry, 3, "a span")
-        if not 0 <= slot < plan.num_slots:
-            raise FrameError("bad_batch", f"slot {slot} outside 0..{plan.num_slots - 1}")
-        if start < 0 or length < 1 or start + length > plan.max_seq_len:
+        slot, start, length = _ints(entry, 3, "a span")
+        if not 0 <= slot < slots:
+            raise FrameError("bad_batch", f"slot {slot} outside 0..{slots - 1}")
+        if start < 0 or length < 1 or start + length > context:
             raise FrameError("bad_batch", f"span [{start}, {start + length}) outside the context")
         spans.append(Span(slot, start, length))
     if len({span.slot for span in spans}) != len(spans):
         raise FrameError("bad_batch", "a slot appears twice in one batch")
     return spans
+
+
+NUMBER = (int, float)
 
 
 def parse_sampling(meta: dict, num_spans: int) -> tuple[list[int], list[SamplingParams]]:
@@ -81,22 +88,22 @@ def parse_sampling(meta: dict, num_spans: int) -> tuple[list[int], list[Sampling
         raise FrameError("bad_batch", "sample must be a list")
     indices, params = [], []
     for entry in raw:
-        if not (isinstance(entry, list) and len(entry) == 6):
+        if type(entry) is not list or len(entry) != 6:
             raise FrameError(
                 "bad_batch", "a sample entry is [span, temperature, top_p, top_k, seed, logprobs]"
             )
-        index = entry[0]
-        if not isinstance(index, int) or not 0 <= index < num_spans:
+        index, temperature, top_p, top_k, seed, logprobs = entry
+        if type(index) is not int or not 0 <= index < num_spans:
             raise FrameError("bad_batch", f"sample span {index} does not exist")
-        try:
-            param = SamplingParams.from_wire(entry[1:])
-        except (TypeError, ValueError):
-            raise FrameError("bad_batch", "sampling values must be numbers") from None
-        values_ok = 0 <= param.temperature <= 100 and 0 < param.top_p <= 1 and param.top_k >= 0
-        if not (values_ok and -1 <= param.logprobs <= MAX_LOGPROBS):
+        if not (type(temperature) in NUMBER and type(top_p) in NUMBER):
+            raise FrameError("bad_batch", "sampling values must be numbers")
+        if not (type(top_k) is int and type(seed) is int and type(logprobs) is int):
+            raise FrameError("bad_batch", "top_k, seed and logprobs must be integers")
+        values_ok = 0 <= temperature <= 100 and 0 < top_p <= 1 and top_k >= 0
+        if not (values_ok and -1 <= logprobs <= MAX_LOGPROBS):
             raise FrameError("bad_batch", "sampling values out of range")
         indices.append(index)
-        params.append(param)
+        params.append(SamplingParams(float(temperature), float(top_p), top_k, seed, logprobs))
     return indices, params
 
 

@@ -23,11 +23,6 @@ class SamplingParams:
     logprobs: int = -1
     """-1: none; else the sampled token's log-probability and the `logprobs` likeliest."""
 
-    @classmethod
-    def from_wire(cls, values: list) -> SamplingParams:
-        temperature, top_p, top_k, seed, logprobs = values
-        return cls(float(temperature), float(top_p), int(top_k), int(seed), int(logprobs))
-
     def to_wire(self) -> list:
         return [self.temperature, self.top_p, self.top_k, self.seed, self.logprobs]
 
