@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
-from aioquic.asyncio import QuicConnectionProtocol, connect, serve
+from aioquic.asyncio import QuicConnectionProtocol, connect
 from aioquic.asyncio.server import QuicServer
 from aioquic.buffer import size_uint_var
 from aioquic.quic.configuration import QuicConfiguration
@@ -581,14 +581,31 @@ def connection_factory(handler: FrameHandler, token: str) -> Callable[..., MeshC
     return create
 
 
+class MeshServer(QuicServer):
+    """aioquic's listener, handing a known connection's 1-RTT packets straight to it."""
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        # A short header (first bit clear) starts with our connection ID, of our own length:
+        # found, the packet needs none of the header parsing that routes the other kinds.
+        packet = cast(bytes, data)
+        if packet and not packet[0] & 0x80:
+            protocol = self._protocols.get(packet[1 : 1 + self._configuration.connection_id_length])
+            if protocol is not None:
+                protocol.datagram_received(data, addr)
+                return
+        super().datagram_received(data, addr)
+
+
 async def listen(
     host: str, port: int, identity: Identity, handler: FrameHandler, token: str
 ) -> QuicServer:
     """Accept authenticated meshpipe connections on UDP host:port (port 0 picks one)."""
     config = configuration(False, identity, datagram_size_for(host))
-    return await serve(
-        host, port, configuration=config, create_protocol=connection_factory(handler, token)
+    create = connection_factory(handler, token)
+    _, server = await asyncio.get_running_loop().create_datagram_endpoint(
+        lambda: MeshServer(configuration=config, create_protocol=create), local_addr=(host, port)
     )
+    return server
 
 
 def bound_port(server: QuicServer) -> int:

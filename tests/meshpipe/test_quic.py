@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 import torch
 from aioquic.asyncio import connect
+from aioquic.asyncio import server as aioquic_server
 from aioquic.asyncio.server import QuicServer
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet_builder import QuicPacketBuilder
@@ -265,6 +266,34 @@ def test_small_frames_share_a_stream_that_a_refused_frame_replaces(
             assert not connection.closed
             await dialer.close()
         assert client.of_kind(Kind.ECHO)[-1].meta == {"after": "refusal"}
+
+    run(scenario)
+
+
+def test_the_listener_routes_established_traffic_without_parsing_headers(
+    identities: tuple[Identity, Identity], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server_identity, peer_identity = identities
+    token = new_join_token()
+    parsed: list[object] = []
+    parse = aioquic_server.pull_quic_header
+
+    def counting(*args: object, **kwargs: object) -> object:
+        parsed.append(args)
+        return parse(*args, **kwargs)  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        server, client = Recorder(echo=True), Recorder()
+        async with mesh_server(server_identity, server, token) as listening:
+            dialer = Dialer(peer_identity, token)
+            connection = await dialer.dial(HOST, bound_port(listening), client, {"node_id": "p"})
+            await asyncio.sleep(0.1)  # the last handshake packets
+            monkeypatch.setattr(aioquic_server, "pull_quic_header", counting)
+            for index in range(1, 6):
+                connection.send(Frame(Kind.ECHO, index, {}, torch.ones(576)))
+            await client.wait_for(lambda: len(client.of_kind(Kind.ECHO)) == 5)
+            await dialer.close()
+        assert parsed == []
 
     run(scenario)
 
