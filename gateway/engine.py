@@ -296,22 +296,33 @@ class Engine:
         sampled = iter(tokens.tolist())
         logprobs = meta.get("logprobs")
         logprobs = iter(logprobs if isinstance(logprobs, list) else [])
+        accepted = []
         for entry in entries:
             sequence = entry.sequence
             sequence.in_flight = False
             sequence.computed += entry.length
-            if sequence.cancelled:
+            if sequence.finished:  # cancelled, or a stop string ended it while this was out
                 self._retire(sequence)
             elif entry.sampled:
                 token = next(sampled)
-                logprob = TokenLogprob.from_wire(token, next(logprobs, None))
-                self._accept(sequence, token, logprob)
+                sequence.generated.append(token)
+                sequence.finish_reason = self._finish_reason(sequence, token)
+                if sequence.finish_reason is not None:
+                    self._retire(sequence)  # its slot can serve the next step already
+                accepted.append(
+                    (sequence, token, TokenLogprob.from_wire(token, next(logprobs, None)))
+                )
         self.metrics.batches_in_flight.set(len(self.in_flight))
-        # The next step leaves now, before any stream task runs: the stages compute while
-        # the event loop turns tokens into SSE chunks.
+        # The next step leaves now, before the tokens become text: the stages compute while the
+        # gateway detokenizes, matches stop strings and queues SSE chunks (with 64 sequences a
+        # step, that work took milliseconds of every step). A sequence that a stop string ends
+        # rides in that step once more; its extra token is dropped and its slot freed after it.
         self.fill()
+        for sequence, token, logprob in accepted:
+            self._deliver(sequence, token, logprob)
 
-    def _accept(self, sequence: Sequence, token: int, logprob: TokenLogprob | None) -> None:
+    def _deliver(self, sequence: Sequence, token: int, logprob: TokenLogprob | None) -> None:
+        """A sampled token to its stream: metrics, text, stop strings, the end."""
         now = time.monotonic()
         if sequence.first_token_at is None:
             sequence.first_token_at = now
@@ -319,24 +330,27 @@ class Engine:
         else:
             self.metrics.inter_token.observe(now - (sequence.last_token_at or now))
         sequence.last_token_at = now
-        sequence.generated.append(token)
         self.metrics.generated_tokens.inc()
         self.totals.generated_tokens += 1
         text, stopped = ("", False)
         if token not in self.eos_ids:
             text, stopped = sequence.stop.push(sequence.detokenizer.push(token))
-        reason = self._finish_reason(sequence, token, stopped)
-        if reason is not None:
-            if reason == "length":
-                text += sequence.stop.flush()
-            sequence.finish_reason = reason
-            sequence.events.put_nowait(Delta(text, 1, reason, logprob=logprob))
-            self._retire(sequence)
-        else:
+        if stopped:
+            sequence.finish_reason = "stop"
+        reason = sequence.finish_reason
+        if reason is None:
             sequence.events.put_nowait(Delta(text, 1, logprob=logprob))
+            return
+        if reason == "length":
+            text += sequence.stop.flush()
+        sequence.events.put_nowait(Delta(text, 1, reason, logprob=logprob))
+        if sequence.slot is not None and not sequence.in_flight:  # a stop string, not scheduled
+            self._retire(sequence)
+            self.wakeup.set()
 
-    def _finish_reason(self, sequence: Sequence, token: int, stopped: bool) -> str | None:
-        if stopped or token in self.eos_ids:
+    def _finish_reason(self, sequence: Sequence, token: int) -> str | None:
+        """An end known from the token alone (stop strings need its text: `_deliver`)."""
+        if token in self.eos_ids:
             return "stop"
         if len(sequence.generated) >= sequence.params.max_tokens:
             return "length"
@@ -377,7 +391,10 @@ class Engine:
         entries = self.in_flight.pop(batch_id, None) or []
         for entry in entries:
             entry.sequence.in_flight = False
-            self._fail(entry.sequence, GenerationFailed(f"a pipeline stage failed: {message}"))
+            if entry.sequence.finished:  # its stream has ended already: only the slot is left
+                self._retire(entry.sequence)
+            else:
+                self._fail(entry.sequence, GenerationFailed(f"a pipeline stage failed: {message}"))
         self.metrics.batches_in_flight.set(len(self.in_flight))
         self.wakeup.set()
 
@@ -387,9 +404,11 @@ class Engine:
         self.pipeline = None
         self.in_flight.clear()
         self.metrics.batches_in_flight.set(0)
-        for sequence in self.running:
+        for sequence in list(self.running):
             sequence.in_flight = False
             sequence.computed = 0
+            if sequence.finished:  # ended while its batch was out: that batch will not return
+                self._retire(sequence)
 
     def on_pipeline_lost(self, reason: str) -> None:
         """No route through the model any more: every running sequence ends with an error."""
@@ -399,7 +418,10 @@ class Engine:
         error = Unavailable(f"the pipeline was lost: {reason}")
         for sequence in list(self.running) + list(self.waiting):
             sequence.in_flight = False
-            self._fail(sequence, error)
+            if sequence.finished:
+                self._retire(sequence)
+            else:
+                self._fail(sequence, error)
         self.waiting.clear()
         self.free_slots = list(range(self.settings.num_slots - 1, -1, -1))
         self._update_gauges()
