@@ -20,18 +20,14 @@ import logging
 import secrets
 import socket
 import sys
-import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 from aioquic.asyncio import QuicConnectionProtocol, connect
 from aioquic.asyncio.server import QuicServer
-from aioquic.buffer import size_uint_var
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.congestion.base import create_congestion_control
-from aioquic.quic.connection import QuicConnection
-from aioquic.quic.crypto import CryptoPair
 from aioquic.quic.events import (
     ConnectionTerminated,
     QuicEvent,
@@ -39,10 +35,7 @@ from aioquic.quic.events import (
     StreamDataReceived,
     StreamReset,
 )
-from aioquic.quic.packet import QuicFrameType, QuicPacketType
-from aioquic.quic.packet_builder import QuicPacketBuilder, QuicPacketBuilderStop
 from aioquic.quic.recovery import QuicPacketPacer, QuicPacketSpace
-from aioquic.quic.stream import QuicStream
 from aioquic.tls import Epoch
 
 from meshpipe.identity import (
@@ -52,6 +45,7 @@ from meshpipe.identity import (
     check_proof,
     join_proof,
 )
+from meshpipe.quic_packets import use_wide_frames_if_needed, write_without_empty_packet
 from meshpipe.wire import DEFAULT_MAX_PAYLOAD_BYTES, Frame, FrameDecoder, FrameError, Kind
 from meshpipe.wire import error_frame as make_error_frame
 
@@ -60,7 +54,7 @@ ALPN = "meshpipe/1"
 # datagram both IP families carry. Measured with `meshpipe bench transport --datagram-size N`
 # on the 2-core VM (docs/transport.md), 16 MiB one way: 232 MB/s at 16000, 389 at 32000, 662
 # at 65000. 32000 used to break links: aioquic's STREAM length field caps at 16383 (see
-# _write_wide_stream_frame).
+# meshpipe/quic_packets.py).
 LOOPBACK_DATAGRAM_SIZE = 65000
 # Fits a 1500-byte Ethernet MTU under IPv6 (40) and UDP (8) headers.
 LAN_DATAGRAM_SIZE = 1452
@@ -73,12 +67,6 @@ STREAM_WINDOW_BYTES = 128 << 20
 # reno and cubic measured alike on loopback (16 and 64 MiB, three alternating runs each, within
 # run-to-run noise; the bottleneck is the receiver's CPU), so aioquic's default stays.
 CONGESTION_CONTROL = "reno"
-# aioquic writes a STREAM frame's length as a 2-byte varint (at most 16383): larger datagrams
-# need the 4-byte field of _write_wide_stream_frame below.
-NARROW_STREAM_FRAME_LIMIT = 16383
-# A 1-RTT packet that ends with more room than this held everything that was due: a frame is
-# cut to fit only when the packet is full (see _ApplicationPacketBuilder).
-ROOM_LEFT_BYTES = 64
 # Kernel socket buffers (clamped to net.core.{r,w}mem_max): the default 208 KiB holds only a
 # few large datagrams, and a burst beyond it is dropped and retransmitted.
 SOCKET_BUFFER_BYTES = 4 << 20
@@ -174,86 +162,14 @@ def configuration(is_client: bool, identity: Identity, max_datagram_size: int) -
     return config
 
 
-def _write_wide_stream_frame(
-    self: QuicConnection,
-    builder: QuicPacketBuilder,
-    space: QuicPacketSpace,
-    stream: QuicStream,
-    max_offset: int,
-) -> int:
-    """aioquic's _write_stream_frame with a 4-byte length field, for datagrams over 16 KiB."""
-    sender = stream.sender
-    offset_size = size_uint_var(sender.next_offset) if sender.next_offset else 0
-    frame_overhead = 5 + size_uint_var(stream.stream_id) + offset_size
-    previous_send_highest = sender.highest_offset
-    frame = sender.get_frame(builder.remaining_flight_space - frame_overhead, max_offset)
-    if frame is None:
-        return 0
-    frame_type = QuicFrameType.STREAM_BASE | 2  # with length
-    if frame.offset:
-        frame_type |= 4
-    if frame.fin:
-        frame_type |= 1
-    buf = builder.start_frame(
-        frame_type,
-        capacity=frame_overhead,
-        handler=sender.on_data_delivery,
-        handler_args=(frame.offset, frame.offset + len(frame.data), frame.fin),
-    )
-    buf.push_uint_var(stream.stream_id)
-    if frame.offset:
-        buf.push_uint_var(frame.offset)
-    buf.push_uint32(len(frame.data) | 0x80000000)  # varint, 4-byte form
-    buf.push_bytes(frame.data)
-    return sender.highest_offset - previous_send_highest
-
-
-class _ApplicationPacketBuilder(QuicPacketBuilder):
-    """aioquic's builder, for the 1-RTT packets of one transmit, without the empty last packet.
-
-    aioquic's _write_application starts one more packet after each it fills, and stops at the
-    first that stays empty: a packet set up, and a pass over every kind of frame, on every
-    transmit for nothing. A packet that ended with room to spare held all that was due, so
-    the next one stops here instead (datagrams_to_send catches QuicPacketBuilderStop as the
-    end of the packets). Not when a stream was discarded meanwhile: aioquic announces the
-    stream credit that returns in the next packet.
-    """
-
-    streams: dict[int, QuicStream]
-    stream_count: int
-
-    def start_packet(self, packet_type: QuicPacketType, crypto: CryptoPair) -> None:
-        if (
-            self._packet is not None
-            and not self.packet_is_empty
-            and self.remaining_flight_space > ROOM_LEFT_BYTES
-            and len(self.streams) == self.stream_count
-        ):
-            raise QuicPacketBuilderStop
-        self.stream_count = len(self.streams)
-        super().start_packet(packet_type, crypto)
-
-
-def _write_application_without_empty_packet(
-    self: QuicConnection, builder: QuicPacketBuilder, network_path: Any, now: float
-) -> None:
-    """aioquic's _write_application, with the builder of _ApplicationPacketBuilder."""
-    builder.__class__ = _ApplicationPacketBuilder  # the same object, one method overridden
-    assert isinstance(builder, _ApplicationPacketBuilder)
-    builder.streams, builder.stream_count = self._streams, len(self._streams)
-    QuicConnection._write_application(self, builder, network_path, now)
-
-
 class MeshConnection(QuicConnectionProtocol):
     """One QUIC connection carrying meshpipe frames: small ones on a long-lived stream, large
     ones on a stream each."""
 
     def __init__(self, *args: Any, handler: FrameHandler, token: str, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._use_wide_frames_if_needed()
-        self._quic._write_application = types.MethodType(  # type: ignore[method-assign]
-            _write_application_without_empty_packet, self._quic
-        )
+        use_wide_frames_if_needed(self._quic)
+        write_without_empty_packet(self._quic)
         self._path_known = self._quic._is_client  # a client dialled a host it sized for
         self._receiving = self._answered = False
         self.handler = handler
@@ -363,14 +279,6 @@ class MeshConnection(QuicConnectionProtocol):
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_BYTES)
 
-    def _use_wide_frames_if_needed(self) -> None:
-        if self._quic._max_datagram_size > NARROW_STREAM_FRAME_LIMIT:
-            self._quic._write_stream_frame = types.MethodType(  # type: ignore[method-assign]
-                _write_wide_stream_frame, self._quic
-            )
-        else:  # aioquic's own writer
-            self._quic.__dict__.pop("_write_stream_frame", None)
-
     def _fit_datagrams_to(self, host: str) -> None:
         """A listener learns its peer's path from the peer's first datagram: size packets for
         that path before sending any (its configuration only knew the bind address)."""
@@ -384,7 +292,7 @@ class MeshConnection(QuicConnectionProtocol):
         algorithm = quic._configuration.congestion_control_algorithm
         quic._loss._cc = create_congestion_control(algorithm, max_datagram_size=size)
         quic._loss._pacer = QuicPacketPacer(max_datagram_size=size)
-        self._use_wide_frames_if_needed()
+        use_wide_frames_if_needed(quic)
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         if not self._path_known:
