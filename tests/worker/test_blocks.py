@@ -69,6 +69,19 @@ def greedy(stage: Stage, prompt: list[int], steps: int) -> tuple[list[int], torc
     return tokens, logits
 
 
+def prefill(
+    stages: list[Stage], prompts: list[list[int]]
+) -> tuple[torch.Tensor, list[Span], list[int]]:
+    """Each prompt prefilled into its own slot of every stage; the inputs of one decode step of
+    them all (last tokens, spans, sampled rows)."""
+    for stage in stages:
+        for slot, prompt in enumerate(prompts):
+            stage(torch.tensor(prompt), [Span(slot, 0, len(prompt))], [len(prompt) - 1])
+    tokens = torch.tensor([prompt[-1] for prompt in prompts])
+    spans = [Span(slot, len(prompt), 1) for slot, prompt in enumerate(prompts)]
+    return tokens, spans, list(range(len(prompts)))
+
+
 @pytest.mark.parametrize("native", BOTH)
 def test_a_stage_on_blocks_decodes_like_float32(default_model: Path, native: bool) -> None:
     float32 = build_stage(default_model, (0, 30))
@@ -114,12 +127,7 @@ def test_a_batch_of_sequences_decodes_like_float32(default_model: Path, native: 
     prompts = [[1, 504, 3458, 282], [1, 42, 17, 99], [1, 7, 7, 7], [1, 9, 8], [1, 3000, 12, 4, 5]]
     prompts = prompts[: 5 if native else 3]
     with torch.inference_mode():
-        for stage in (float32, blocked):
-            for slot, prompt in enumerate(prompts):
-                stage(torch.tensor(prompt), [Span(slot, 0, len(prompt))], [len(prompt) - 1])
-        tokens = torch.tensor([p[-1] for p in prompts])
-        spans = [Span(slot, len(p), 1) for slot, p in enumerate(prompts)]
-        rows = list(range(len(prompts)))
+        tokens, spans, rows = prefill([float32, blocked], prompts)
         expected = float32(tokens, spans, rows)
         logits = blocked(tokens, spans, rows)
     assert torch.equal(logits.argmax(-1), expected.argmax(-1))
@@ -142,12 +150,7 @@ def test_native_attention_decodes_like_torch_and_alone_like_in_a_batch(default_m
     stage.use_native_kernels(kernels.native)
     prompts = [[1, 504, 3458, 282, 4649, 314], [1, 42], [1, 7, 7, 7, 9], [2] * 40, [1, 99, 3]]
     with torch.inference_mode():
-        for model in (reference, stage):
-            for slot, prompt in enumerate(prompts):
-                model(torch.tensor(prompt), [Span(slot, 0, len(prompt))], [len(prompt) - 1])
-        tokens = torch.tensor([p[-1] for p in prompts])
-        spans = [Span(slot, len(p), 1) for slot, p in enumerate(prompts)]
-        rows = list(range(len(prompts)))
+        tokens, spans, rows = prefill([reference, stage], prompts)
         expected = reference(tokens, spans, rows)
         batched = stage(tokens, spans, rows)
         alone = [stage(tokens[i : i + 1], [spans[i]], [0])[0] for i in rows]
