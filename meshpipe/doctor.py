@@ -155,6 +155,29 @@ def check_devices(asked: str | None) -> Iterator[Finding]:
             yield Finding(f"device {device}", Status.OK, detail)
 
 
+def check_cpu_kernels() -> Iterator[Finding]:
+    """meshpipe's C kernels for CPU workers: built (or taken from the cache) and checked."""
+    import torch
+
+    from worker.cpu_kernels import load
+
+    native = load()
+    if native is None:
+        yield Finding(
+            "cpu kernels",
+            Status.WARN,
+            "not available: CPU workers use torch's kernels (slower decode steps)",
+            "they need x86 with AVX-512 and a C compiler (`cc`); see the worker's log",
+        )
+        return
+    x, weight = torch.arange(32.0).view(2, 16), torch.ones(16)
+    expected = x / (x.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()
+    if not torch.allclose(native.rms_norm(x, weight, 1e-5), expected, rtol=1e-5, atol=1e-6):
+        yield Finding("cpu kernels", Status.FAIL, "a test RMS norm is wrong", "report this")
+        return
+    yield Finding("cpu kernels", Status.OK, f"AVX-512, {native.path}")
+
+
 def _refetch(name: str) -> str:
     if name in catalog.CATALOG:
         return f"meshpipe models rm {name} && meshpipe models pull {name}"
@@ -389,6 +412,7 @@ def checks(settings: DoctorSettings) -> list[tuple[str, Callable[[], Iterator[Fi
         ("python", check_python),
         ("torch", check_torch),
         ("devices", lambda: check_devices(settings.device)),
+        ("cpu kernels", check_cpu_kernels),
         ("models", check_models),
         ("ports", lambda: check_port(settings.http_port, "tcp", "gateway's HTTP API")),
         ("ports", lambda: check_port(settings.mesh_port, "udp", "gateway's mesh endpoint")),

@@ -41,8 +41,8 @@ SIGNATURES = {
 class NativeKernels:
     """The compiled library, with typed wrappers that allocate outputs as tensors."""
 
-    def __init__(self, library: ctypes.CDLL) -> None:
-        self.library = library
+    def __init__(self, library: ctypes.CDLL, path: Path) -> None:
+        self.library, self.path = library, path
         for name, arguments in SIGNATURES.items():
             function = getattr(library, name)
             function.argtypes, function.restype = arguments, None
@@ -145,7 +145,7 @@ def load() -> NativeKernels | None:
         path = _library_path()
         if not path.is_file():
             _build(path)
-        return NativeKernels(ctypes.CDLL(str(path)))
+        return NativeKernels(ctypes.CDLL(str(path)), path)
     except (OSError, subprocess.CalledProcessError) as error:
         detail = getattr(error, "stderr", "") or str(error)
         log.warning("native CPU kernels unavailable, using torch's: %s", detail.strip()[:300])

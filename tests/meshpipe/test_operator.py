@@ -204,7 +204,8 @@ def test_doctor_passes_against_a_running_cluster(
     result = doctor(tiny_cluster.url, mesh_port(tiny_cluster), tmp_path / "home")
     assert result.returncode == 0, result.stdout + result.stderr
     rows = findings(result.stdout)
-    for check in ("python", "torch", "device cpu", f"model {DEFAULT_MODEL}", "gateway"):
+    checks = ("python", "torch", "device cpu", "cpu kernels", f"model {DEFAULT_MODEL}", "gateway")
+    for check in checks:
         assert rows[check][0] == "ok", rows
     assert rows[f"model {DEFAULT_MODEL}"][1].endswith("checksums match")
     assert "ready" in rows["gateway"][1]
