@@ -1,11 +1,12 @@
-/* meshpipe's CPU kernels (AVX-512): products with GGUF Q4_1 / Q8_0 blocks, and decode attention.
+/* meshpipe's CPU kernels (AVX-512): products with GGUF Q4_1 / Q8_0 blocks, decode attention and
+ * RMS norm.
  *
  * Built by worker/cpu_kernels.py with the system C compiler and called through ctypes with
- * tensor pointers. The products dequantize each block once for up to 8 rows of a call, then
- * run one fused multiply-add per row and 16 outputs, so a row costs a fraction of a one-row
- * call: each block is dequantized into L1, then multiplied in a register-blocked outer product
- * (as BLAS kernels are). Every row's arithmetic is the same sequence of operations whatever the rows beside it:
- * a sequence's result never depends on the batch it is in.
+ * tensor pointers. The products dequantize each block once into L1 for up to 8 rows of a call,
+ * then multiply in a register-blocked outer product (as BLAS kernels do): one fused
+ * multiply-add per row and 16 outputs, so a row costs a fraction of a one-row call. Every row's
+ * arithmetic is the same sequence of operations whatever the rows beside it: a sequence's
+ * result never depends on the batch it is in.
  *
  * Weight layout (see tiled() in worker/blocks.py), per tile of 16 outputs and block of 32 inputs:
  *   Q4_1  qs[tile][block][16][16] uint8: byte j of output i holds inputs j (low) and j + 16 (high)
