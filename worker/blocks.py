@@ -81,6 +81,14 @@ class Kernels:
         self.native: NativeKernels | None = load_native() if native else None
         self.compiled: dict[tuple, Callable[..., Tensor]] = {}
 
+    @property
+    def max_rows(self) -> int:
+        """The widest input that runs on the blocks (wider ones take the float32 GEMM)."""
+        return NATIVE_MAX_ROWS if self.native is not None else MAX_ROWS
+
+    def __str__(self) -> str:
+        return "C kernels" if self.native is not None else "Inductor kernels"
+
     def get(self, kind: str, x: Tensor, fields: list[Tensor]) -> Callable[..., Tensor]:
         key = (kind, tuple(x.shape), *(tuple(field.shape) for field in fields))
         if key not in self.compiled:
@@ -99,13 +107,12 @@ class BlockLinear(nn.Module):
         assert linear.bias is None
         self.weight = linear.weight
         names = [name for name in ("qs", "d", "m") if name in fields]
+        self.max_rows = kernels.max_rows
         self.native = kernels.native
         if self.native is not None:
-            self.max_rows = NATIVE_MAX_ROWS
             self.fields = [tiled(fields[name], LANES) for name in names]
             self.product = self.native.product(kind, self.fields)
             return
-        self.max_rows = MAX_ROWS
         self.fields = [tiled(fields[name]) for name in names]
         with torch.inference_mode():
             self.kernels = [

@@ -62,7 +62,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.native is not None:
             return self.native.rms_norm(x, self.weight, self.eps)
-        # in float32 whatever the dtype, as Hugging Face's; one fused op instead of five
+        # in float32 whatever the dtype, as Hugging Face's
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)
 

@@ -30,7 +30,7 @@ from meshpipe.reach import GATEWAY_NODE_ID, Hop, dial
 from meshpipe.relay_link import RelayLink, RelayUnavailable, link_kind
 from meshpipe.wire import Frame, FrameError, Kind, error_frame
 from worker.batch import Batch, parse_batch
-from worker.blocks import MAX_ROWS, NATIVE_MAX_ROWS, Kernels, use_blocks
+from worker.blocks import Kernels, use_blocks
 from worker.cuda_graphs import DecodeGraphs
 from worker.model import Stage, StagePlan
 from worker.sampling import apply_penalties, sample, token_logprobs
@@ -304,15 +304,11 @@ class WorkerNode:
         if self.settings.block_weights and self.settings.device == "cpu":
             swapped = use_blocks(stage, model_dir, self.kernels)
             if swapped:
-                native = "C kernels" if self.kernels.native else "Inductor kernels"
-                rows = NATIVE_MAX_ROWS if self.kernels.native else MAX_ROWS
+                kernels, rows = self.kernels, self.kernels.max_rows
                 log.info(
-                    "%d projections run up to %d rows on the GGUF blocks (%s)",
-                    swapped,
-                    rows,
-                    native,
+                    "%d projections run up to %d rows on the blocks (%s)", swapped, rows, kernels
                 )
-        if self.kernels.native and self.settings.device == "cpu" and dtype == torch.float32:
+        if self.kernels.native and dtype == torch.float32:  # built for CPU workers only
             stage.use_native_kernels(self.kernels.native)
         # One scratch slot for the padding rows of CUDA-graph batches.
         stage.allocate_cache(dtype, extra_slots=1 if self.settings.device == "cuda" else 0)
@@ -450,10 +446,9 @@ def _greedy_decode(batch: Batch) -> bool:
     """A last-stage decode step whose every row is sampled greedily, with neither penalties
     nor log-probabilities: its tokens are the argmax that the CUDA graph computes."""
     return (
-        len(batch.sample_spans) == len(batch.spans)
+        batch.sample_spans == list(range(len(batch.spans)))
         and not batch.penalties
         and all(p.temperature == 0 and p.logprobs < 0 for p in batch.sampling)
-        and batch.sample_spans == list(range(len(batch.spans)))
     )
 
 
