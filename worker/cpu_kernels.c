@@ -112,33 +112,24 @@ PANEL(q8_0, q8_0_dequantize(tiles, qs + b * 512, d + b * LANES, blocks, w))
 #define Q4_AT(t) qs + (t) * blocks * 256, d + (t) * blocks * LANES, m + (t) * blocks * LANES
 #define Q8_AT(t) qs + (t) * blocks * 512, d + (t) * blocks * LANES
 
-void q4_1_matmul(const float *x, int64_t rows, int64_t k, const uint8_t *qs, const uint16_t *d,
-                 const uint16_t *m, int64_t n, float *y) {
-  const int64_t tiles = n / LANES, blocks = k / BLOCK;
-  for (int64_t r0 = 0; r0 < rows; r0 += MAX_PANEL_ROWS) {
-    const int R = rows - r0 < MAX_PANEL_ROWS ? (int)(rows - r0) : MAX_PANEL_ROWS;
-    const float *xr = x + r0 * k;
-    float *yr = y + r0 * n;
-    int64_t t = 0;
-#define Q4(ROWS, TILES) PASS(q4_1, Q4_AT, ROWS, TILES)
-    ROW_CASES(Q4)
-#undef Q4
+/* y [rows, n] = x [rows, k] times the blocks: passes of up to MAX_PANEL_ROWS rows. */
+#define MATMUL(KIND, CALL)                                                                      \
+  void KIND##_matmul(const float *x, int64_t rows, int64_t k, KIND##_WEIGHTS, int64_t n,      \
+                     float *y) {                                                                \
+    const int64_t tiles = n / LANES, blocks = k / BLOCK;                                        \
+    for (int64_t r0 = 0; r0 < rows; r0 += MAX_PANEL_ROWS) {                                     \
+      const int R = rows - r0 < MAX_PANEL_ROWS ? (int)(rows - r0) : MAX_PANEL_ROWS;             \
+      const float *xr = x + r0 * k;                                                             \
+      float *yr = y + r0 * n;                                                                   \
+      int64_t t = 0;                                                                            \
+      ROW_CASES(CALL)                                                                           \
+    }                                                                                           \
   }
-}
 
-void q8_0_matmul(const float *x, int64_t rows, int64_t k, const int8_t *qs, const uint16_t *d,
-                 int64_t n, float *y) {
-  const int64_t tiles = n / LANES, blocks = k / BLOCK;
-  for (int64_t r0 = 0; r0 < rows; r0 += MAX_PANEL_ROWS) {
-    const int R = rows - r0 < MAX_PANEL_ROWS ? (int)(rows - r0) : MAX_PANEL_ROWS;
-    const float *xr = x + r0 * k;
-    float *yr = y + r0 * n;
-    int64_t t = 0;
-#define Q8(ROWS, TILES) PASS(q8_0, Q8_AT, ROWS, TILES)
-    ROW_CASES(Q8)
-#undef Q8
-  }
-}
+#define Q4_PASS(ROWS, TILES) PASS(q4_1, Q4_AT, ROWS, TILES)
+#define Q8_PASS(ROWS, TILES) PASS(q8_0, Q8_AT, ROWS, TILES)
+MATMUL(q4_1, Q4_PASS)
+MATMUL(q8_0, Q8_PASS)
 
 /* Rotates x [dim] by one position's cos/sin [dim] (the half-split layout of Hugging Face's Llama:
  * x * cos + cat(-x[dim/2:], x[:dim/2]) * sin) into out. */
