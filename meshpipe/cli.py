@@ -69,18 +69,7 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="", help="serve this model (default: where needed)")
     p.add_argument("--relay", type=_host_port, help="a relay for links a NAT blocks (HOST:PORT)")
     p.add_argument("--relay-only", action="store_true", help="every link through the relay")
-    p.add_argument(
-        "--block-weights",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="CPU: run decode steps and short chunks on the model's GGUF Q4_1/Q8_0 blocks",
-    )
-    p.add_argument(
-        "--native-kernels",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="CPU float32: meshpipe's C kernels (AVX-512) for block products and decode attention",
-    )
+    _add_cpu_kernel_flags(p)
     p.add_argument(
         "--cuda-graphs",
         action=argparse.BooleanOptionalAction,
@@ -92,6 +81,22 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="CUDA: compile the captured decode step with TorchInductor",
+    )
+
+
+def _add_cpu_kernel_flags(p: argparse.ArgumentParser) -> None:
+    """The CPU path's switches, shared by `worker` and `auto`."""
+    p.add_argument(
+        "--block-weights",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="CPU: run decode steps and short chunks on the model's GGUF Q4_1/Q8_0 blocks",
+    )
+    p.add_argument(
+        "--native-kernels",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="CPU float32: meshpipe's C kernels (AVX-512) for block products and decode attention",
     )
 
 
@@ -116,18 +121,7 @@ def _add_auto(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ready-timeout", type=float, default=600.0)
     p.add_argument("--relay", action="store_true", help="start a relay and route a stage via it")
     p.add_argument("--relay-port", type=int, default=9339)
-    p.add_argument(
-        "--block-weights",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="CPU: run decode steps and short chunks on the model's GGUF Q4_1/Q8_0 blocks",
-    )
-    p.add_argument(
-        "--native-kernels",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="CPU float32: meshpipe's C kernels (AVX-512) for block products and decode attention",
-    )
+    _add_cpu_kernel_flags(p)
 
 
 def _add_relay(sub: argparse._SubParsersAction) -> None:
