@@ -6,9 +6,10 @@ Builds a stage of `--layers` decoder layers (plus the head with `--head`) with r
 weights on the GPU, fills every KV slot to about `--context` tokens, and times one decode step
 per batch size for each variant: `graph` (the worker's CUDA graphs of eager ops,
 `--no-compile`) and `compiled` (the worker's default: the step compiled by TorchInductor, then
-captured). Prints each
-variant's step time, the bandwidth it reaches on the weight bytes, and the top kernels of an
-eager step; writes JSON with `--output`.
+captured). Prints each variant's step time, the bandwidth it reaches on the weight bytes, and
+the top kernels of an eager step (of the compiled graph's replay too with `--kernels`); writes
+JSON with `--output`. `--matmuls` times each weight's matrix product alone (`F.linear`, as the
+graphs call it) against the measured copy bandwidth: what the products can reach at best.
 
 With `--host`, it also times the host side of a worker's step for each batch (compiled
 variant): a BATCH frame as the gateway sends it is decoded, parsed and run through the worker's
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +85,7 @@ def time_graph(
     """Median ms of a decode step replayed from the worker's CUDA graphs, the seconds the first
     step took (capture, and compilation), and the relative L2 error against the eager step."""
     stage = graphs.stage
-    spans = [Span(slot, context - 1 - (slot * 7) % 64, 1) for slot in range(batch)]
+    spans = decode_spans(batch, context)
     x = inputs(stage, batch)
     started = time.perf_counter()
     graphs.run(x, spans)
@@ -107,17 +109,16 @@ def time_graph(
     return statistics.median(times), first, error
 
 
-def top_kernels(stage: Stage, batch: int, context: int, count: int = 8) -> list[dict[str, Any]]:
-    """The costliest kernels of eager decode steps (same kernels as the graph replays)."""
-    spans = [Span(slot, context - 1 - (slot * 7) % 64, 1) for slot in range(batch)]
-    x = inputs(stage, batch)
+def top_kernels(step: Callable[[], Any], count: int = 10) -> list[dict[str, Any]]:
+    """The costliest kernels of five calls of `step` (eager ops, or a graph's replay: CUPTI
+    records the kernels a replay launches)."""
     for _ in range(2):
-        stage(x, spans, list(range(batch)))
+        step()
     torch.cuda.synchronize()
     activities = [torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as profile:
         for _ in range(5):
-            stage(x, spans, list(range(batch)))
+            step()
         torch.cuda.synchronize()
     events = [e for e in profile.key_averages() if e.device_time_total > 0]
     events.sort(key=lambda e: e.device_time_total, reverse=True)
@@ -125,6 +126,39 @@ def top_kernels(stage: Stage, batch: int, context: int, count: int = 8) -> list[
         {"kernel": e.key[:90], "ms_per_step": e.device_time_total / 1000 / 5, "calls": e.count // 5}
         for e in events[:count]
     ]
+
+
+def matmul_rates(stage: Stage, batches: list[int], repeats: int = 50) -> dict[str, Any]:
+    """Each distinct weight's product alone at each batch: ms and GB/s of weight bytes."""
+    from bench.gpu import copy_bandwidth
+
+    modules = stage.layers[0].named_modules()
+    weights = {name: getattr(module, "weight", None) for name, module in modules}
+    weights = {name: w for name, w in weights.items() if w is not None and w.dim() == 2}
+    if stage.plan.is_last:
+        weights["lm_head"] = stage.lm_head.weight
+    rates: dict[str, Any] = {"copy_GB_s": copy_bandwidth() / 1e9}
+    for name, weight in weights.items():
+        for batch in batches:
+            x = torch.randn(batch, weight.shape[1], dtype=weight.dtype, device="cuda")
+            for _ in range(3):
+                torch.nn.functional.linear(x, weight)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(repeats):
+                torch.nn.functional.linear(x, weight)
+            end.record()
+            end.synchronize()
+            ms = start.elapsed_time(end) / repeats
+            gbs = weight.numel() * weight.element_size() / ms / 1e6
+            rates[f"{name}/b{batch}"] = {"shape": list(weight.shape), "ms": ms, "GB_s": gbs}
+            shape = str(list(weight.shape))
+            print(f"matmul {name:22s} {shape:14s} batch {batch:3d}: {ms:.4f} ms {gbs:5.0f} GB/s")
+    return rates
+
+
+def decode_spans(batch: int, context: int) -> list[Span]:
+    return [Span(slot, context - 1 - (slot * 7) % 64, 1) for slot in range(batch)]
 
 
 def worker_node(graphs: DecodeGraphs) -> WorkerNode:
@@ -204,6 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", default="graph,compiled")
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--host", action="store_true", help="time a worker's host side too")
+    parser.add_argument("--kernels", action="store_true", help="the compiled replay's kernels too")
+    parser.add_argument("--matmuls", action="store_true", help="each weight's product alone")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
@@ -211,6 +247,9 @@ def main(argv: list[str] | None = None) -> None:
     nbytes = weight_bytes(stage)
     result: dict[str, Any] = {"command": " ".join(sys.argv), "gpu": torch.cuda.get_device_name()}
     result |= {"weight_bytes": nbytes, "layers": args.layers, "head": args.head, "steps": {}}
+    if args.matmuls:
+        with torch.inference_mode():
+            result["matmuls"] = matmul_rates(stage, batches)
     for variant in args.variants.split(","):
         # one DecodeGraphs for every batch, as a worker has: compilations and captures add up
         graphs = DecodeGraphs(stage, compile=variant == "compiled")
@@ -231,9 +270,14 @@ def main(argv: list[str] | None = None) -> None:
                     "    host side, median ms: "
                     + ", ".join(f"{k} {v:.3f}" for k, v in host.items())
                 )
-            if variant == "graph":
+            x, spans = inputs(stage, batch), decode_spans(batch, args.context)
+            if variant == "graph":  # the eager ops' kernels (the same as the graph's)
+                step = partial(stage, x, spans, list(range(batch)))
+            else:  # the compiled graph's replay: Inductor's kernels
+                step = partial(graphs.run, x, spans)
+            if variant == "graph" or args.kernels:
                 with torch.inference_mode():
-                    kernels = top_kernels(stage, batch, args.context)
+                    kernels = top_kernels(step)
                 result["steps"][f"{variant}/b{batch}"]["kernels"] = kernels
                 for kernel in kernels:
                     print(
