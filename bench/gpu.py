@@ -61,7 +61,7 @@ def weight_bytes(model_dir: Path) -> int:
 
 
 def start_cluster(
-    model_dir: Path, slots: int, in_flight: int, log: Path
+    model_dir: Path, slots: int, in_flight: int, busy_poll_ms: float | None, log: Path
 ) -> tuple[subprocess.Popen, str]:
     port = free_port()
     command = [
@@ -90,6 +90,7 @@ def start_cluster(
         "--mesh-port",
         str(free_port(socket.SOCK_DGRAM)),
     ]
+    command += [] if busy_poll_ms is None else [f"--busy-poll-ms={busy_poll_ms:g}"]
     process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 900
     while "meshpipe is ready" not in (text := log.read_text()):
@@ -154,11 +155,11 @@ def serve_figures(url: str, model_dir: Path, args: argparse.Namespace) -> dict[s
     short = letter_prompts(64, 32, seed=1)
     for concurrency in (1, 16, 64):  # warm-up: captures the CUDA graphs of each batch size
         asyncio.run(level(url, model, short[:concurrency], concurrency, 8))
-    figures = {
-        "single_stream": measured(url, model, short[:1], 1, args.single_tokens),
-        "concurrent_16": measured(url, model, short[:16], 16, args.tokens),
-        "concurrent_64": measured(url, model, short[:64], 64, args.tokens),
-    }
+    figures = {"single_stream": measured(url, model, short[:1], 1, args.single_tokens)}
+    if args.single_only:
+        return figures
+    figures["concurrent_16"] = measured(url, model, short[:16], 16, args.tokens)
+    figures["concurrent_64"] = measured(url, model, short[:64], 64, args.tokens)
     long = letter_prompts(3, 1024 - 12, seed=2)  # the chat template adds about 12
     ttfts = [asyncio.run(level(url, model, [p], 1, 1))["ttft_ms"]["p50"] for p in long]
     figures["ttft_1024_ms"] = {"runs": ttfts, "median": statistics.median(ttfts)}
@@ -209,6 +210,10 @@ def main(argv: list[str] | None = None) -> None:
     # Both stages share one GPU here: a second micro-batch in flight reads every weight again
     # without adding compute, so one batch at a time is the better use of a single device.
     parser.add_argument("--max-in-flight", type=int, default=1)
+    parser.add_argument(
+        "--busy-poll-ms", type=float, default=None, help="every process (default: auto's, 20)"
+    )
+    parser.add_argument("--single-only", action="store_true", help="the single stream alone")
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
     os.environ.setdefault("MESHPIPE_HOME", "/tmp/meshpipe-gpu-bench")
@@ -219,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     weights = weight_bytes(model_dir)
     log = Path(os.environ["MESHPIPE_HOME"]) / "cluster.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    process, url = start_cluster(model_dir, args.slots, args.max_in_flight, log)
+    process, url = start_cluster(model_dir, args.slots, args.max_in_flight, args.busy_poll_ms, log)
     try:
         ours = serve_figures(url, model_dir, args)
     finally:
@@ -235,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
         "weight_bytes": weights,
         "copy_bandwidth_bytes_s": round(bandwidth),
         "roofline_single_stream_tok_s": round(bandwidth / weights, 1),
+        "busy_poll_ms": args.busy_poll_ms,
         "meshpipe": ours,
     }
     path = Path(args.output) if args.output else RESULTS / f"gpu-{report['date'][:10]}.json"
@@ -258,9 +264,11 @@ def ratios(report: dict[str, Any]) -> dict[str, Any]:
     result = {
         "single_stream_tok_s": single,
         "single_stream_vs_roofline": round(single / report["roofline_single_stream_tok_s"], 3),
-        "aggregate_16_tok_s": ours["concurrent_16"]["output_tok_s"],
-        "aggregate_64_tok_s": ours["concurrent_64"]["output_tok_s"],
     }
+    if "concurrent_64" not in ours:  # --single-only
+        return result
+    result["aggregate_16_tok_s"] = ours["concurrent_16"]["output_tok_s"]
+    result["aggregate_64_tok_s"] = ours["concurrent_64"]["output_tok_s"]
     if "transformers" in report:
         hf = report["transformers"]
         result["single_stream_vs_hf_batch_1"] = round(single / hf["batch_1_tok_s"], 2)

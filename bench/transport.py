@@ -46,7 +46,7 @@ from bench.links import (
     serve,
 )
 from bench.netns import NETNS_MTU, Namespaces
-from meshpipe import quic
+from meshpipe import busy_poll, quic
 from meshpipe.identity import load_or_create_identity, new_join_token
 from meshpipe.quic import (
     Dialer,
@@ -72,6 +72,7 @@ class Settings:
     netns: bool
     server_netns: str | None
     datagram_size: int | None
+    busy_poll_ms: float  # both processes' event loops (meshpipe/busy_poll.py); 0: off
 
 
 # -- payloads and statistics -------------------------------------------------------------------
@@ -201,6 +202,7 @@ def server_command(settings: Settings) -> list[str]:
     command = [sys.executable, "-m", "bench.transport", "--serve", "--host", settings.host]
     command += [f"--datagram-size={quic.LOOPBACK_DATAGRAM_SIZE}"] if settings.datagram_size else []
     command += [f"--congestion-control={quic.CONGESTION_CONTROL}"]
+    command += [f"--busy-poll-ms={settings.busy_poll_ms:g}"]
     if settings.server_netns:
         command = ["ip", "netns", "exec", settings.server_netns, *command]
     return command
@@ -347,6 +349,7 @@ def report(settings: Settings, results: dict[str, Any], command: str) -> dict[st
             "host": settings.host,
             "max_datagram_size": datagram_size_for(settings.host),
             "congestion_control": quic.CONGESTION_CONTROL,
+            "busy_poll_ms": settings.busy_poll_ms,
             "iterations": settings.iterations,
             "transfer_from_bytes": TRANSFER_FROM,
         },
@@ -448,6 +451,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--congestion-control", choices=("reno", "cubic"), help="override it on both ends"
     )
+    p.add_argument(
+        "--busy-poll-ms",
+        type=float,
+        default=0.0,
+        help="both ends poll busily this long after traffic, as GPU hosts run (default 0: off)",
+    )
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--server-netns", help=argparse.SUPPRESS)
     p.add_argument("--command", help=argparse.SUPPRESS)
@@ -465,6 +474,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         netns=args.netns,
         server_netns=args.server_netns,
         datagram_size=args.datagram_size,
+        busy_poll_ms=args.busy_poll_ms,
     )
 
 
@@ -492,13 +502,13 @@ def main(argv: list[str] | None = None) -> None:
     settings = settings_from(args)
     override_link(args)
     if args.serve:
-        asyncio.run(serve(settings.host))
+        busy_poll.run(serve(settings.host), settings.busy_poll_ms / 1000)
         return
     command = args.command or invoked_as(argv)
     if settings.netns:
         run_netns(argv, settings, command)
         return
-    results = asyncio.run(run_client(settings))
+    results = busy_poll.run(run_client(settings), settings.busy_poll_ms / 1000)
     document = report(settings, results, command)
     print(table(results))
     write(settings.output or default_output(), document)

@@ -44,6 +44,7 @@ class AutoSettings:
     relay_port: int = 9339
     block_weights: bool = True
     native_kernels: bool = True
+    busy_poll_ms: float = 0.0  # every process (meshpipe/busy_poll.py)
 
 
 class ClusterFailed(Exception):
@@ -89,6 +90,7 @@ class Cluster:
             str(s.max_batch_tokens),
             "--max-in-flight",
             str(s.max_in_flight),
+            f"--busy-poll-ms={s.busy_poll_ms:g}",
         ]
         relay = f"127.0.0.1:{s.relay_port}"
         if s.relay:
@@ -113,6 +115,7 @@ class Cluster:
                 str(threads),
                 "--id",
                 f"worker-{index}",
+                f"--busy-poll-ms={s.busy_poll_ms:g}",
             ]
             worker += [] if s.block_weights else ["--no-block-weights"]
             worker += [] if s.native_kernels else ["--no-native-kernels"]

@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from meshpipe import operator
+from meshpipe import busy_poll, operator
 from meshpipe.models.catalog import ModelError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -47,6 +47,7 @@ def _add_gateway(sub: argparse._SubParsersAction) -> None:
         help="announce on the LAN with mDNS (default: when --mesh-host is not loopback)",
     )
     p.add_argument("--relay", type=_host_port, help="register with this relay (HOST:PORT)")
+    _add_busy_poll_flag(p, "default 0: off; `auto --device cuda` sets 20")
 
 
 def _add_worker(sub: argparse._SubParsersAction) -> None:
@@ -69,6 +70,7 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="", help="serve this model (default: where needed)")
     p.add_argument("--relay", type=_host_port, help="a relay for links a NAT blocks (HOST:PORT)")
     p.add_argument("--relay-only", action="store_true", help="every link through the relay")
+    _add_busy_poll_flag(p, "default 20 with --device cuda, else 0: off")
     _add_cpu_kernel_flags(p)
     p.add_argument(
         "--cuda-graphs",
@@ -81,6 +83,15 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="CUDA: compile the captured decode step with TorchInductor",
+    )
+
+
+def _add_busy_poll_flag(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument(
+        "--busy-poll-ms",
+        type=float,
+        default=None,
+        help=f"poll the sockets this long after traffic instead of sleeping ({default})",
     )
 
 
@@ -121,6 +132,7 @@ def _add_auto(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ready-timeout", type=float, default=600.0)
     p.add_argument("--relay", action="store_true", help="start a relay and route a stage via it")
     p.add_argument("--relay-port", type=int, default=9339)
+    _add_busy_poll_flag(p, "every process; default 20 with --device cuda, else 0: off")
     _add_cpu_kernel_flags(p)
 
 
@@ -209,7 +221,7 @@ def run_gateway(args: argparse.Namespace) -> None:
         announce=args.announce,
         relay=args.relay,
     )
-    asyncio.run(serve(settings))
+    busy_poll.run(serve(settings), busy_poll.window_ms(args.busy_poll_ms, "cpu") / 1000)
 
 
 def run_worker(args: argparse.Namespace) -> None:
@@ -243,7 +255,8 @@ def run_worker(args: argparse.Namespace) -> None:
     from meshpipe.relay_link import RelayRefused
 
     try:
-        asyncio.run(WorkerNode(settings).run())
+        window = busy_poll.window_ms(args.busy_poll_ms, settings.device) / 1000
+        busy_poll.run(WorkerNode(settings).run(), window)
     except RelayRefused as error:
         raise SystemExit(f"error: the relay refused this worker: {error}") from None
 
@@ -307,6 +320,7 @@ def run_auto(args: argparse.Namespace) -> None:
             relay_port=args.relay_port,
             block_weights=args.block_weights,
             native_kernels=args.native_kernels,
+            busy_poll_ms=busy_poll.window_ms(args.busy_poll_ms, args.device),
         )
     )
 
