@@ -15,12 +15,13 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
-from meshpipe import dirs
+from meshpipe import busy_poll, dirs
 from meshpipe.identity import load_or_create_identity
 from meshpipe.latency import LinkLatency
 from meshpipe.models.catalog import installed, resolve
@@ -36,6 +37,7 @@ from worker.model import Stage, StagePlan
 from worker.sampling import apply_penalties, sample, token_logprobs
 
 log = logging.getLogger(__name__)
+Result = TypeVar("Result")
 
 HEARTBEAT_INTERVAL = 0.25
 RECONNECT_DELAY = 0.5
@@ -282,12 +284,10 @@ class WorkerNode:
             meta["max_seq_len"],
         )
         self.graphs = None
-        stage = await asyncio.get_running_loop().run_in_executor(
-            self.executor, self._build_stage, model_dir, config, plan
-        )
+        stage = await self._on_compute_thread(self._build_stage, model_dir, config, plan)
         if self.settings.device == "cuda" and self.settings.cuda_graphs:
             graphs = DecodeGraphs(stage, compile=self.settings.compile)
-            await asyncio.get_running_loop().run_in_executor(self.executor, graphs.warm)
+            await self._on_compute_thread(graphs.warm)
             self.graphs = graphs
         self.config, self.plan, self.stage = config, plan, stage
 
@@ -316,8 +316,14 @@ class WorkerNode:
 
     # -- compute ---------------------------------------------------------------------------
 
-    async def _compute_loop(self) -> None:
+    async def _on_compute_thread(self, work: Callable[..., Result], *args: Any) -> Result:
+        """`work(*args)` on the compute thread; the event loop does not poll busily meanwhile,
+        which would take the GIL from it (meshpipe/busy_poll.py)."""
         loop = asyncio.get_running_loop()
+        with busy_poll.paused(loop):
+            return await loop.run_in_executor(self.executor, work, *args)
+
+    async def _compute_loop(self) -> None:
         while True:
             source, frame = await self.batches.get()
             try:
@@ -328,7 +334,7 @@ class WorkerNode:
                 if self._replays_here(batch):
                     result, logprobs = await self._replay(batch), None
                 else:
-                    result, logprobs = await loop.run_in_executor(self.executor, self._run, batch)
+                    result, logprobs = await self._on_compute_thread(self._run, batch)
                 self.step_seconds = time.perf_counter() - started
                 self.steps += 1
                 await self._send_on(batch, result, logprobs)

@@ -4,6 +4,7 @@ still runs its timers and receives on time."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from pathlib import Path
@@ -40,10 +41,17 @@ async def cpu_over(seconds: float) -> float:
     return time.thread_time() - started
 
 
-async def traffic_then_quiet(window: float) -> tuple[float, float, float]:
+async def traffic_then_quiet(window: float, pause: bool = False) -> tuple[float, float, float]:
     """CPU seconds in the window after a datagram, CPU seconds after it, and how late a
-    timer fired while polling."""
+    timer fired while polling (with `pause`, all of it under `busy_poll.paused`)."""
     loop = asyncio.get_running_loop()
+    with busy_poll.paused(loop) if pause else contextlib.nullcontext():
+        return await _traffic_then_quiet(loop, window)
+
+
+async def _traffic_then_quiet(
+    loop: asyncio.AbstractEventLoop, window: float
+) -> tuple[float, float, float]:
     transport, receiver = await loop.create_datagram_endpoint(Receiver, local_addr=("127.0.0.1", 0))
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
@@ -72,6 +80,13 @@ def test_the_loop_polls_after_traffic_then_sleeps() -> None:
 
 def test_a_plain_loop_sleeps() -> None:
     during, _, late = busy_poll.run(traffic_then_quiet(0.4), 0)
+    assert during < 0.05, during
+    assert late < 0.05, late
+
+
+def test_a_paused_loop_sleeps() -> None:
+    """A worker's loop while its compute thread runs: no polling to take the GIL from it."""
+    during, _, late = busy_poll.run(traffic_then_quiet(0.4, pause=True), 0.4)
     assert during < 0.05, during
     assert late < 0.05, late
 
