@@ -50,6 +50,7 @@ class GatewaySettings:
     announce: bool | None = None
     # Register with this relay (HOST, PORT), so workers that cannot reach us directly can.
     relay: tuple[str, int] | None = None
+    busy_poll_ms: float = 0.0  # the event loop's busy-poll window (meshpipe/busy_poll.py)
 
 
 def served_name(spec: str, model_dir: Path) -> str:

@@ -220,8 +220,9 @@ def run_gateway(args: argparse.Namespace) -> None:
         max_in_flight=args.max_in_flight,
         announce=args.announce,
         relay=args.relay,
+        busy_poll_ms=max(0.0, args.busy_poll_ms or 0.0),
     )
-    busy_poll.run(serve(settings), busy_poll.window_ms(args.busy_poll_ms, "cpu") / 1000)
+    busy_poll.run(serve(settings), settings.busy_poll_ms / 1000)
 
 
 def run_worker(args: argparse.Namespace) -> None:
@@ -249,14 +250,14 @@ def run_worker(args: argparse.Namespace) -> None:
         native_kernels=args.native_kernels,
         relay=args.relay,
         relay_only=args.relay_only,
+        busy_poll_ms=busy_poll.window_ms(args.busy_poll_ms, args.device),
     )
     if settings.relay_only and settings.relay is None:
         raise SystemExit("error: --relay-only needs --relay HOST:PORT")
     from meshpipe.relay_link import RelayRefused
 
     try:
-        window = busy_poll.window_ms(args.busy_poll_ms, settings.device) / 1000
-        busy_poll.run(WorkerNode(settings).run(), window)
+        busy_poll.run(WorkerNode(settings).run(), settings.busy_poll_ms / 1000)
     except RelayRefused as error:
         raise SystemExit(f"error: the relay refused this worker: {error}") from None
 
