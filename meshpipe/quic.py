@@ -46,7 +46,15 @@ from meshpipe.identity import (
     join_proof,
 )
 from meshpipe.quic_packets import use_wide_frames_if_needed, write_without_empty_packet
-from meshpipe.wire import DEFAULT_MAX_PAYLOAD_BYTES, Frame, FrameDecoder, FrameError, Kind
+from meshpipe.wire import (
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    Frame,
+    FrameDecoder,
+    FrameError,
+    Kind,
+    tensor_bytes,
+    tensor_view,
+)
 from meshpipe.wire import error_frame as make_error_frame
 
 ALPN = "meshpipe/1"
@@ -180,6 +188,7 @@ class MeshConnection(QuicConnectionProtocol):
         self._decoders: dict[int, FrameDecoder | None] = {}
         self._shared_stream: int | None = None  # opened by the first small frame
         self._unacknowledged = 0  # datagrams received since our last ACK, see _piggyback_ack
+        self._space: QuicPacketSpace | None = None  # see _application_space
         self._welcome: asyncio.Future[Frame] | None = None
         self._keepalive: asyncio.Task[None] | None = None
         self._closed_reported = False
@@ -199,14 +208,15 @@ class MeshConnection(QuicConnectionProtocol):
 
     def queue(self, frame: Frame) -> None:
         """Queue a frame without transmitting (call transmit() once after a batch of sends)."""
-        head, payload = frame.header_and_meta()
-        size = len(head) + (0 if payload is None else payload.nbytes)
+        head, tensor = frame.head_and_tensor()
+        size = len(head) + (0 if tensor is None else tensor.nbytes)
         quic = self._quic
         if size <= SHARED_STREAM_FRAME_LIMIT:
             # One write: a copy of a few KB costs less than a second send_stream_data.
-            data = head if payload is None else head + payload
+            data = head if tensor is None else head + tensor_bytes(tensor)
             quic.send_stream_data(self._shared_stream_id(), data)
         else:
+            payload = None if tensor is None else tensor_view(tensor)
             # Unidirectional: a stream is done (and its credit returned) once its FIN is read;
             # a bidirectional one whose reverse side is never closed would use up the limit.
             stream_id = quic.get_next_available_stream_id(is_unidirectional=True)
@@ -229,9 +239,16 @@ class MeshConnection(QuicConnectionProtocol):
         wait for it: an ACK for every other packet, as RFC 9000 section 13.2.2 recommends,
         halves the ACK frames to build and process; a lone packet is acknowledged by its
         timer (1 ms) or by the next frame after the next packet."""
-        space = self._quic._spaces.get(Epoch.ONE_RTT)
+        space = self._application_space()
         if space is not None and space.ack_at is not None and self._unacknowledged >= 2:
             space.ack_at = 0.0
+
+    def _application_space(self) -> QuicPacketSpace | None:
+        """The 1-RTT packet space, once it exists: aioquic creates it once per connection, and
+        a lookup by `Epoch` costs a Python-level `Enum.__hash__` on every datagram."""
+        if self._space is None:
+            self._space = self._quic._spaces.get(Epoch.ONE_RTT)
+        return self._space
 
     def _count_unacknowledged(self, space: QuicPacketSpace | None, waiting: bool) -> None:
         """After a received datagram: how many datagrams our next ACK would cover. It errs
@@ -299,7 +316,7 @@ class MeshConnection(QuicConnectionProtocol):
             self._fit_datagrams_to(addr[0])
         self._receiving, self._answered = True, False
         in_flight = self._quic._loss.bytes_in_flight
-        space = self._quic._spaces.get(Epoch.ONE_RTT)
+        space = self._application_space()
         waiting = space is not None and space.ack_at is not None
         try:
             self._quic.receive_datagram(cast(bytes, data), addr, now=self._loop.time())
@@ -337,6 +354,20 @@ class MeshConnection(QuicConnectionProtocol):
             self._timer.cancel()
         self._timer = None if timer_at is None else self._loop.call_at(timer_at, self._handle_timer)
         self._timer_at = timer_at
+
+    def _process_events(self) -> None:
+        """aioquic's event loop, with stream data (nearly every event) handled first: aioquic
+        tests each event against five other kinds before handing it on."""
+        quic = self._quic
+        event = quic.next_event()
+        while event is not None:
+            if type(event) is StreamDataReceived:
+                self.bytes_received += len(event.data)
+                self._stream_data(event.stream_id, event.data, event.end_stream)
+            else:
+                quic._events.appendleft(event)
+                super()._process_events()
+            event = quic.next_event()
 
     def quic_event_received(self, event: QuicEvent) -> None:
         if isinstance(event, StreamDataReceived):

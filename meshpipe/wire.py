@@ -11,6 +11,7 @@ frame from the network can be refused with a typed error but never crash the pro
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import json
 import math
@@ -91,6 +92,11 @@ class Frame:
 
     def header_and_meta(self) -> tuple[bytes, memoryview | None]:
         """The header plus metadata bytes, and a view of the tensor bytes (no copy)."""
+        head, tensor = self.head_and_tensor()
+        return head, None if tensor is None else tensor_view(tensor)
+
+    def head_and_tensor(self) -> tuple[bytes, torch.Tensor | None]:
+        """The header plus metadata bytes, and the tensor as it travels (contiguous, on the CPU)."""
         meta = json.dumps(self.meta, separators=(",", ":")).encode() if self.meta else b""
         if self.tensor is None:
             return _header(self.kind, DType.NONE, (), self.message_id, len(meta), 0) + meta, None
@@ -105,15 +111,26 @@ class Frame:
         if dtype is None:
             raise ValueError(f"dtype {tensor.dtype} cannot travel")
         shape = tuple(tensor.shape)
-        # bfloat16 has no numpy type: view the raw bytes instead.
-        payload = memoryview(tensor.view(torch.uint8).numpy()).cast("B")
-        header = _header(self.kind, dtype, shape, self.message_id, len(meta), payload.nbytes)
-        return header + meta, payload
+        header = _header(self.kind, dtype, shape, self.message_id, len(meta), tensor.nbytes)
+        return header + meta, tensor
 
     def encode(self) -> bytes:
-        """The whole frame as one bytes object (copies the tensor; tests and small frames)."""
-        head, payload = self.header_and_meta()
-        return head if payload is None else head + payload.tobytes()
+        """The whole frame as one bytes object (copies the tensor; small frames and tests)."""
+        head, tensor = self.head_and_tensor()
+        return head if tensor is None else head + tensor_bytes(tensor)
+
+
+def tensor_view(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy (the view keeps the tensor alive)."""
+    # bfloat16 has no numpy type: view the raw bytes instead.
+    return memoryview(tensor.view(torch.uint8).numpy()).cast("B")
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """A copy of the bytes of a contiguous CPU tensor: read from its address, in a third of the
+    time that tensor_view's torch and numpy views take (a small frame is copied anyway)."""
+    size = tensor.nbytes
+    return ctypes.string_at(tensor.data_ptr(), size) if size else b""
 
 
 def _header(
@@ -192,7 +209,8 @@ def _decode_body(header: _Header, body: memoryview) -> Frame:
         tensor = torch.frombuffer(raw, dtype=TORCH_DTYPES[header.dtype]) if len(raw) else None
         if tensor is None:
             tensor = torch.empty(0, dtype=TORCH_DTYPES[header.dtype])
-        tensor = tensor.view(*header.shape)  # unpacked: a third faster than a tuple
+        if len(header.shape) > 1:  # frombuffer's tensor already has a rank-1 frame's shape
+            tensor = tensor.view(*header.shape)  # unpacked: a third faster than a tuple
     return Frame(header.kind, header.message_id, meta, tensor)
 
 
