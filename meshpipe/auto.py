@@ -99,6 +99,7 @@ class Cluster:
         if s.relay:
             command = ["relay", "--host", "127.0.0.1", "--port", str(s.relay_port)]
             command += ["--status", relay]  # TCP, the same port number
+            command += [f"--busy-poll-ms={s.busy_poll_ms:g}"]
             self.children.append(("relay", _spawn(command, env, s.verbose)))
         count = s.stages * len(s.models) + s.spare
         threads = max(1, (os.cpu_count() or 1) // count) if s.device == "cpu" else 0

@@ -150,6 +150,7 @@ def _add_relay(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rate", type=int, default=0, help="bytes/s one peer may send (0: no limit)")
     p.add_argument("--idle", type=float, default=30.0, help="seconds before a silent peer expires")
     p.add_argument("--dump", default=None, help="debug: append every forwarded datagram here")
+    _add_busy_poll_flag(p, "default 0: off; `auto --relay --device cuda` sets 20")
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
@@ -353,7 +354,7 @@ def run_relay(args: argparse.Namespace) -> None:
     if args.action == "key":
         print(key)
         return
-    asyncio.run(command.serve(args, key))
+    busy_poll.run(command.serve(args, key), max(0.0, args.busy_poll_ms or 0.0) / 1000)
 
 
 COMMANDS = {
