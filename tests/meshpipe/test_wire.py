@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from meshpipe.wire import HEADER, Frame, FrameDecoder, FrameError, Kind
+from meshpipe.wire import HEADER, Frame, FrameDecoder, FrameError, Kind, tensor_bytes, tensor_view
 
 FRAMES = [
     Frame(Kind.ECHO, 1, {}, torch.arange(576, dtype=torch.float32).view(1, 576)),
@@ -64,3 +64,21 @@ def test_a_stream_that_ends_inside_a_frame_is_truncated() -> None:
     with pytest.raises(FrameError) as error:
         decoder.finish()
     assert error.value.code == "truncated"
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        torch.arange(12, dtype=torch.bfloat16).view(3, 4),
+        torch.arange(24, dtype=torch.float32).view(4, 6)[1:3],  # an offset into its storage
+        torch.arange(12, dtype=torch.int64).view(3, 4).t(),  # not contiguous
+        torch.empty(0, 8),
+    ],
+)
+def test_a_small_frames_copied_bytes_are_the_viewed_ones(tensor: torch.Tensor) -> None:
+    head, sent = Frame(Kind.ECHO, 5, {"a": 1}, tensor).head_and_tensor()
+    assert sent is not None
+    if sent.numel():  # a memoryview cannot be cast from an empty 2-D array
+        assert tensor_bytes(sent) == tensor_view(sent).tobytes()
+    (frame,) = FrameDecoder().feed(head + tensor_bytes(sent))
+    assert frame.tensor is not None and torch.equal(frame.tensor, tensor)
