@@ -68,9 +68,9 @@ class BusyPollSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-ty
 class BusyPollLoop(asyncio.SelectorEventLoop):
     """A selector event loop on a BusyPollSelector."""
 
-    def __init__(self, window: float) -> None:
-        self.busy_poll = BusyPollSelector(window)
-        super().__init__(self.busy_poll)
+    def __init__(self, selector: BusyPollSelector) -> None:
+        self.busy_poll = selector
+        super().__init__(selector)
 
 
 @contextlib.contextmanager
@@ -90,7 +90,7 @@ def loop_factory(window: float) -> Callable[[], asyncio.AbstractEventLoop]:
     """Event loops that poll busily for `window` seconds after traffic (0: plain loops)."""
     if window <= 0:
         return asyncio.new_event_loop
-    return lambda: BusyPollLoop(window)
+    return lambda: BusyPollLoop(BusyPollSelector(window))
 
 
 def run(main: Coroutine[Any, Any, Result], window: float) -> Result:

@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import selectors
 import socket
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
 import pytest
 
 from meshpipe import busy_poll
 from tests.cluster import descendants, start_auto
+
+Result = TypeVar("Result")
 
 
 def test_the_window_is_on_for_cuda_and_off_elsewhere() -> None:
@@ -34,61 +39,91 @@ class Receiver(asyncio.DatagramProtocol):
             self.arrived.set_result(time.monotonic())
 
 
-async def cpu_over(seconds: float) -> float:
-    """This thread's CPU seconds while the loop waits `seconds` (with nothing else to do)."""
-    started = time.thread_time()
+class Counting(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+    """Counts the selector calls that BusyPollSelector makes: polls (timeout 0) and waits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.polls = self.waits = 0
+
+    def select(self, timeout: float | None = None) -> list:
+        if timeout == 0:
+            self.polls += 1
+        else:
+            self.waits += 1
+        return super().select(timeout)
+
+
+class CountingBusyPoll(busy_poll.BusyPollSelector, Counting):
+    """A BusyPollSelector whose calls to the default selector are counted."""
+
+
+def counting_run(main: Coroutine[Any, Any, Result], window: float) -> tuple[Result, Counting]:
+    selector = CountingBusyPoll(window)
+    with asyncio.Runner(loop_factory=lambda: busy_poll.BusyPollLoop(selector)) as runner:
+        return runner.run(main), selector
+
+
+async def calls_over(selector: Counting, seconds: float) -> tuple[int, int]:
+    """The polls and waits of the selector while the loop waits `seconds` (nothing else to do)."""
+    polls, waits = selector.polls, selector.waits
     await asyncio.sleep(seconds)
-    return time.thread_time() - started
+    return selector.polls - polls, selector.waits - waits
 
 
-async def traffic_then_quiet(window: float, pause: bool = False) -> tuple[float, float, float]:
-    """CPU seconds in the window after a datagram, CPU seconds after it, and how late a
-    timer fired while polling (with `pause`, all of it under `busy_poll.paused`)."""
+async def traffic_then_quiet(window: float, pause: bool = False) -> dict[str, Any]:
+    """Selector calls in the window after a datagram and after it, and how late a timer
+    fired meanwhile (with `pause`, all of it under `busy_poll.paused`)."""
     loop = asyncio.get_running_loop()
+    assert isinstance(loop, busy_poll.BusyPollLoop)
+    selector = loop.busy_poll
+    assert isinstance(selector, Counting)
     with busy_poll.paused(loop) if pause else contextlib.nullcontext():
-        return await _traffic_then_quiet(loop, window)
-
-
-async def _traffic_then_quiet(
-    loop: asyncio.AbstractEventLoop, window: float
-) -> tuple[float, float, float]:
-    transport, receiver = await loop.create_datagram_endpoint(Receiver, local_addr=("127.0.0.1", 0))
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
-            sender.sendto(b"x", transport.get_extra_info("sockname"))
-        await asyncio.wait_for(receiver.arrived, 5)
-        planned = loop.time() + window / 4
-        fired = loop.create_future()
-        loop.call_at(planned, lambda: fired.set_result(loop.time()))
-        during = await cpu_over(window / 2)
-        late = await fired - planned
-        await asyncio.sleep(window / 2)  # the window ends
-        after = await cpu_over(window)
-        return during, after, late
-    finally:
-        transport.close()
+        transport, receiver = await loop.create_datagram_endpoint(
+            Receiver, local_addr=("127.0.0.1", 0)
+        )
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+                sender.sendto(b"x", transport.get_extra_info("sockname"))
+            await asyncio.wait_for(receiver.arrived, 5)
+            planned = loop.time() + window / 4
+            fired = loop.create_future()
+            loop.call_at(planned, lambda: fired.set_result(loop.time()))
+            during = await calls_over(selector, window / 2)
+            late = await fired - planned
+            await asyncio.sleep(window / 2 + 0.05)  # the window ends
+            after = await calls_over(selector, window)
+        finally:
+            transport.close()
+    return {"during": during, "after": after, "late": late}
 
 
 def test_the_loop_polls_after_traffic_then_sleeps() -> None:
-    window = 0.4
-    during, after, late = busy_poll.run(traffic_then_quiet(window), window)
-    # polling: most of the first half of the window on the CPU (a loaded machine may take some)
-    assert during > 0.3 * window / 2, during
-    assert after < 0.1 * window, after  # asleep again once the window passed
-    assert late < 0.05, late  # timers still fire on time while polling
-
-
-def test_a_plain_loop_sleeps() -> None:
-    during, _, late = busy_poll.run(traffic_then_quiet(0.4), 0)
-    assert during < 0.05, during
-    assert late < 0.05, late
+    calls, _ = counting_run(traffic_then_quiet(0.4), 0.4)
+    polls, waits = calls["during"]
+    assert polls > 100 and waits == 0, calls  # polling, never blocking, in the window
+    polls, waits = calls["after"]
+    # asleep once the window passed: a loop turn is a poll and one wait, for the one timer
+    assert polls <= 4 and 1 <= waits <= 4, calls
+    assert calls["late"] < 0.05, calls  # timers still fire on time while polling
 
 
 def test_a_paused_loop_sleeps() -> None:
     """A worker's loop while its compute thread runs: no polling to take the GIL from it."""
-    during, _, late = busy_poll.run(traffic_then_quiet(0.4, pause=True), 0.4)
-    assert during < 0.05, during
-    assert late < 0.05, late
+    calls, selector = counting_run(traffic_then_quiet(0.4, pause=True), 0.4)
+    polls, waits = calls["during"]
+    assert polls <= 4 and 1 <= waits <= 4, calls
+    assert calls["late"] < 0.05, calls
+    assert selector.pauses == 0  # released
+
+
+def test_a_plain_loop_is_left_alone() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        with busy_poll.paused(loop):
+            pass
+    finally:
+        loop.close()
 
 
 async def received_while_polling() -> float:
