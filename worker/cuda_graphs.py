@@ -14,6 +14,7 @@ compilations serve every bucket; `warm` does both when the stage loads, not on a
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 from dataclasses import dataclass
@@ -28,7 +29,25 @@ log = logging.getLogger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 CONTEXT_BUCKET = 256
+# Buckets every CONTEXT_BUCKET tokens up to here, then each about 1.5 times the last: every
+# graph is captured at load, and a 128K context needs 16 context buckets instead of 512.
+FINE_CONTEXT_LIMIT = 1024
 WARMUP_STEPS = 2
+
+
+def context_buckets(limit: int) -> list[int]:
+    """The context lengths that decode graphs are captured for, the last one `limit`."""
+    buckets, end = [], CONTEXT_BUCKET
+    while end < limit:
+        buckets.append(end)
+        grown = end + CONTEXT_BUCKET if end < FINE_CONTEXT_LIMIT else end * 3 // 2
+        end = -(-grown // CONTEXT_BUCKET) * CONTEXT_BUCKET
+    return [*buckets, limit]
+
+
+def context_bucket(context: int, buckets: list[int]) -> int:
+    """The smallest bucket that holds `context` positions (the last one if none does)."""
+    return buckets[min(bisect.bisect_left(buckets, context), len(buckets) - 1)]
 
 
 @dataclass
@@ -51,6 +70,7 @@ class DecodeGraphs:
         self.device = stage.inv_freq.device
         self.max_batch = max(b for b in BATCH_BUCKETS if b <= max(stage.plan.num_slots, 1) * 2)
         self.scratch_slot = stage.plan.num_slots  # allocated by allocate_cache(extra_slots=1)
+        self.contexts = context_buckets(stage.plan.max_seq_len)
         # slots, positions (and token ids on the first stage) of a step: one copy to the device
         rows = 3 if stage.plan.is_first else 2
         self.indices = torch.zeros(rows, self.max_batch, dtype=torch.long, device=self.device)
@@ -76,7 +96,7 @@ class DecodeGraphs:
         bucket (on an H200 with Llama 3 8B shapes), which a single stream of 256 tokens paid
         once in its first 256 positions and again after them."""
         started = time.perf_counter()
-        for context in self.contexts():
+        for context in self.contexts:
             for bucket in BATCH_BUCKETS:
                 if bucket <= self.max_batch and (bucket, context) not in self.captured:
                     self._capture(bucket, context)
@@ -88,13 +108,6 @@ class DecodeGraphs:
             time.perf_counter() - started,
         )
 
-    def contexts(self) -> list[int]:
-        """The context buckets: multiples of CONTEXT_BUCKET, the last one max_seq_len."""
-        limit = self.stage.plan.max_seq_len
-        return [
-            min(end, limit) for end in range(CONTEXT_BUCKET, limit + CONTEXT_BUCKET, CONTEXT_BUCKET)
-        ]
-
     def handles(self, spans: list[Span]) -> bool:
         return all(span.length == 1 for span in spans) and len(spans) <= self.max_batch
 
@@ -105,9 +118,7 @@ class DecodeGraphs:
     def _key(self, spans: list[Span]) -> tuple[int, int]:
         """(batch bucket, context bucket) of a decode batch."""
         bucket = next(b for b in BATCH_BUCKETS if b >= len(spans))
-        context = max(span.start for span in spans) + 1
-        context = min(-(-context // CONTEXT_BUCKET) * CONTEXT_BUCKET, self.stage.plan.max_seq_len)
-        return bucket, context
+        return bucket, context_bucket(max(span.start for span in spans) + 1, self.contexts)
 
     @torch.inference_mode()
     def run(self, inputs: Tensor, spans: list[Span], greedy: bool = False) -> Tensor:
