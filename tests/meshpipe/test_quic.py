@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -11,8 +12,10 @@ import torch
 from aioquic.asyncio import connect
 from aioquic.asyncio import server as aioquic_server
 from aioquic.asyncio.server import QuicServer
-from aioquic.quic.connection import QuicConnection
+from aioquic.quic.connection import QuicConnection, QuicConnectionError, QuicReceiveContext
+from aioquic.quic.events import StreamDataReceived
 from aioquic.quic.packet_builder import QuicPacketBuilder
+from aioquic.tls import Epoch
 
 from meshpipe.identity import Identity, load_or_create_identity, new_join_token
 from meshpipe.quic import (
@@ -29,6 +32,7 @@ from meshpipe.quic import (
     datagram_size_for,
     listen,
 )
+from meshpipe.quic_packets import _one_rtt_frames_received
 from meshpipe.wire import HEADER, MAGIC, VERSION, DType, Frame, Kind
 
 HOST = "127.0.0.1"
@@ -429,6 +433,109 @@ def test_a_transmit_builds_the_packets_it_needs_and_no_empty_one(
         assert sum(len(event.data) for event in received) == 100_000 and received[-1].end_stream
 
     run(scenario)
+
+
+def pumped_pair(identities: tuple[Identity, Identity]) -> tuple[QuicConnection, QuicConnection]:
+    """connected_pair's connections, made in a loop of their own (MeshConnection needs one)."""
+
+    async def make() -> tuple[QuicConnection, QuicConnection]:
+        return connected_pair(identities)
+
+    return asyncio.run(make())
+
+
+def test_established_1rtt_packets_take_the_short_paths_and_lose_nothing(
+    identities: tuple[Identity, Identity],
+) -> None:
+    """meshpipe/quic_packets.py's shortened receive and send paths: taken once connected, and
+    with datagrams lost, duplicated and reordered every byte still arrives once, in order."""
+    client, server = pumped_pair(identities)
+    general: Counter[str] = Counter()
+
+    def counted(name: str) -> Callable[..., object]:
+        method = getattr(QuicConnection, name)
+
+        def call(*args: object, **kwargs: object) -> object:
+            general[name] += 1
+            return method(*args, **kwargs)
+
+        return call
+
+    def deliver(receiver: QuicConnection, data: bytes, now: float) -> None:
+        address = "client" if receiver is server else "server"
+        receiver.receive_datagram(data, (address, 1), now=now)
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("receive_datagram", "datagrams_to_send", "_write_application"):
+            patch.setattr(QuicConnection, name, counted(name))
+        patch.setattr(QuicConnection, "_payload_received", counted("_payload_received"))
+        for quic in (client, server):  # time stands still between steps: no pacing
+            patch.setattr(quic._loss._pacer, "next_send_time", lambda now: None)
+        sent, held, now = bytearray(), None, 2.0
+        for step in range(60):
+            chunk = bytes([step]) * (1000 + 97 * step)
+            client.send_stream_data(2, chunk)
+            sent += chunk
+            for data, _ in client.datagrams_to_send(now=now):
+                if step % 5 == 3:
+                    continue  # lost
+                if step % 6 == 1 and held is None:
+                    held = data  # arrives after the next one
+                    continue
+                deliver(server, data, now)
+                if step % 7 == 0:
+                    deliver(server, data, now)  # duplicated
+                if held is not None and held is not data:
+                    deliver(server, held, now)
+                    held = None
+            for data, _ in server.datagrams_to_send(now=now):
+                deliver(client, data, now)
+            if step == 0:
+                assert not general  # established traffic: none of aioquic's general paths
+            now += 0.0005
+        for _ in range(200):  # loss recovery, without losses now
+            if client._loss.bytes_in_flight == 0 and client._streams[2].sender.buffer_is_empty:
+                break
+            timer = client.get_timer()
+            if timer is not None and timer <= now + 0.001:
+                client.handle_timer(now=max(now, timer))
+            for sender, receiver in ((client, server), (server, client)):
+                for data, _ in sender.datagrams_to_send(now=now):
+                    deliver(receiver, data, now)
+            now += 0.001
+    received = b"".join(
+        event.data
+        for event in iter(server.next_event, None)
+        if isinstance(event, StreamDataReceived) and event.stream_id == 2
+    )
+    assert received == bytes(sent)
+    assert client._loss.bytes_in_flight == 0  # everything acknowledged
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"\x01", b"\x00\x00", b"", b"\x1f", b"\x0a", b"\x0b\x02\x05hi"],
+    ids=["ping", "padding", "no-frames", "unknown-type", "truncated-stream", "stream"],
+)
+def test_1rtt_frames_are_handled_as_aioquic_does(
+    identities: tuple[Identity, Identity], payload: bytes
+) -> None:
+    results = []
+    for handle in (QuicConnection._payload_received, _one_rtt_frames_received):
+        _, server = pumped_pair(identities)
+        context = QuicReceiveContext(
+            epoch=Epoch.ONE_RTT,
+            host_cid=server.host_cid,
+            network_path=server._network_paths[0],
+            quic_logger_frames=None,
+            time=2.0,
+            version=None,
+        )
+        try:
+            results.append(handle(server, context, payload))
+        except QuicConnectionError as error:
+            results.append((error.error_code, error.frame_type, error.reason_phrase))
+    assert results[0] == results[1]
 
 
 def test_a_burst_beyond_the_stream_limit_arrives_whole(
