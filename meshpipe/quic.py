@@ -45,12 +45,7 @@ from meshpipe.identity import (
     check_proof,
     join_proof,
 )
-from meshpipe.quic_packets import (
-    receive_one_rtt_directly,
-    send_one_rtt_directly,
-    use_wide_frames_if_needed,
-    write_without_empty_packet,
-)
+from meshpipe.quic_packets import use_wide_frames_if_needed, write_without_empty_packet
 from meshpipe.wire import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     Frame,
@@ -183,8 +178,6 @@ class MeshConnection(QuicConnectionProtocol):
         super().__init__(*args, **kwargs)
         use_wide_frames_if_needed(self._quic)
         write_without_empty_packet(self._quic)
-        receive_one_rtt_directly(self._quic)
-        send_one_rtt_directly(self._quic)
         self._path_known = self._quic._is_client  # a client dialled a host it sized for
         self._receiving = self._answered = False
         self.handler = handler
