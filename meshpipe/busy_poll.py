@@ -86,10 +86,11 @@ def paused(loop: asyncio.AbstractEventLoop) -> Iterator[None]:
             selector.pauses -= 1
 
 
-def loop_factory(window: float) -> Callable[[], asyncio.AbstractEventLoop]:
-    """Event loops that poll busily for `window` seconds after traffic (0: plain loops)."""
+def loop_factory(window: float) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """Event loops that poll busily for `window` seconds after traffic (None for 0: the
+    runner's own loop, exactly as `asyncio.run` makes it)."""
     if window <= 0:
-        return asyncio.new_event_loop
+        return None
     return lambda: BusyPollLoop(BusyPollSelector(window))
 
 
