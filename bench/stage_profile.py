@@ -207,7 +207,7 @@ def time_host(graphs: DecodeGraphs, batch: int, context: int, repeats: int) -> d
         timed("run_via_thread", lambda: asyncio.run(through_thread(parsed)))
         if node._replays_here(parsed):
             timed("replay_on_loop", lambda: asyncio.run(node._replay(parsed)))
-        timed("encode_result", lambda: parsed.forward_frame(result).header_and_meta())
+        timed("encode_result", lambda: parsed.forward_frame(result).head_and_tensor())
 
     for _ in range(5):
         one()

@@ -362,8 +362,7 @@ class MeshConnection(QuicConnectionProtocol):
         event = quic.next_event()
         while event is not None:
             if type(event) is StreamDataReceived:
-                self.bytes_received += len(event.data)
-                self._stream_data(event.stream_id, event.data, event.end_stream)
+                self._stream_data(event)
             else:
                 quic._events.appendleft(event)
                 super()._process_events()
@@ -371,8 +370,7 @@ class MeshConnection(QuicConnectionProtocol):
 
     def quic_event_received(self, event: QuicEvent) -> None:
         if isinstance(event, StreamDataReceived):
-            self.bytes_received += len(event.data)
-            self._stream_data(event.stream_id, event.data, event.end_stream)
+            self._stream_data(event)
         elif isinstance(event, StreamReset):
             self._decoders.pop(event.stream_id, None)
         elif isinstance(event, StopSendingReceived) and event.stream_id == self._shared_stream:
@@ -385,7 +383,9 @@ class MeshConnection(QuicConnectionProtocol):
         super().connection_lost(exc)
         self._report_closed()
 
-    def _stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
+    def _stream_data(self, event: StreamDataReceived) -> None:
+        stream_id, data, end_stream = event.stream_id, event.data, event.end_stream
+        self.bytes_received += len(data)
         if stream_id not in self._decoders:
             self._decoders[stream_id] = FrameDecoder(self.max_payload)
         decoder = self._decoders[stream_id]

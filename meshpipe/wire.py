@@ -90,11 +90,6 @@ class Frame:
     meta: dict[str, Any] = field(default_factory=dict)
     tensor: torch.Tensor | None = None
 
-    def header_and_meta(self) -> tuple[bytes, memoryview | None]:
-        """The header plus metadata bytes, and a view of the tensor bytes (no copy)."""
-        head, tensor = self.head_and_tensor()
-        return head, None if tensor is None else tensor_view(tensor)
-
     def head_and_tensor(self) -> tuple[bytes, torch.Tensor | None]:
         """The header plus metadata bytes, and the tensor as it travels (contiguous, on the CPU)."""
         meta = json.dumps(self.meta, separators=(",", ":")).encode() if self.meta else b""

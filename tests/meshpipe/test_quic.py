@@ -306,7 +306,7 @@ def test_a_receiver_that_stops_reading_bounds_the_senders_buffer(
     token = new_join_token()
     limit, frames = 1 << 20, 24
     tensor = torch.zeros(256, 256)  # 256 KiB a frame
-    frame_bytes = len(Frame(Kind.ECHO, 1, {}, tensor).header_and_meta()[0]) + tensor.nbytes
+    frame_bytes = len(Frame(Kind.ECHO, 1, {}, tensor).head_and_tensor()[0]) + tensor.nbytes
 
     async def scenario() -> None:
         server = Recorder()
