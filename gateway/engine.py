@@ -6,8 +6,16 @@ is its next input: a prompt chunk while prefilling, the last sampled token while
 the whole history again after a failover. A micro-batch samples a token for every sequence
 whose input reaches its end.
 
-Up to `max_in_flight` micro-batches are inside the pipeline at once (one per stage by default),
-so all stages compute at the same time; a sequence is in at most one of them.
+Up to `max_in_flight` micro-batches (lanes) are inside the pipeline at once (one per stage by
+default), so all stages compute at the same time.
+
+The token loop: where the last stage reaches the first, each lane's next step is sent as soon as
+the lane's batch leaves, and waits at the first stage (`after`) for that batch's sampled tokens,
+which the last stage sends there straight away (`fed` says which inputs they fill). The gateway
+is then off the path from one token to the next. A sequence is in at most two batches: one in
+the pipeline and its next step waiting behind it. What the gateway learns only from a token
+(an end-of-sequence token, a stop string) may find the sequence in a step already sent: that
+step's token is dropped and the slot freed after it, as for a sequence cancelled meanwhile.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ class EngineSettings:
     max_batch_tokens: int = 256
     max_waiting: int = 64
     max_in_flight: int = 2
+    token_loop: bool = True  # where the pipeline has the last stage's link to the first
 
 
 @dataclass(frozen=True)
@@ -99,7 +108,7 @@ class Sequence:
     slot: int | None = None
     computed: int = 0
     generated: list[int] = field(default_factory=list)
-    in_flight: bool = False
+    in_flight: int = 0  # batches holding it: one in the pipeline, and its next step behind it
     finish_reason: str | None = None
     cancelled: bool = False
     created: float = field(default_factory=time.monotonic)
@@ -115,12 +124,15 @@ class Sequence:
     def finished(self) -> bool:
         return self.finish_reason is not None or self.cancelled
 
-    def next_inputs(self, budget: int) -> list[int]:
-        """Up to `budget` of the tokens not in the KV cache yet."""
-        end = min(self.length, self.computed + budget)
-        prompt = self.prompt[self.computed : end]
-        start = max(self.computed - len(self.prompt), 0)
-        return prompt + self.generated[start : end - len(self.prompt)]
+    def tokens(self, start: int, length: int) -> list[int]:
+        """Its tokens `start` to `start + length` (prompt, then generated)."""
+        end, prompted = start + length, len(self.prompt)
+        generated = self.generated[max(start - prompted, 0) : max(end - prompted, 0)]
+        return self.prompt[start:end] + generated
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.params.presence_penalty or self.params.frequency_penalty)
 
     def token_seed(self, position: int) -> int:
         """A seed for the token at `position`: reproducible whatever batch computes it."""
@@ -129,11 +141,13 @@ class Sequence:
 
 @dataclass(frozen=True)
 class Entry:
-    """One sequence's part in a micro-batch."""
+    """One sequence's part in a micro-batch: positions `start` to `start + length`."""
 
     sequence: Sequence
+    start: int
     length: int
     sampled: bool
+    fed: bool = False  # its one input is the token that the batch before it samples
 
 
 @dataclass
@@ -148,6 +162,8 @@ class Totals:
 
 class Pipeline:
     """What the engine needs of the mesh: send a batch to the first stage, release slots."""
+
+    token_loop: bool = False  # the last stage feeds its tokens to the first
 
     def send_batch(self, frame: Frame) -> None: ...
 
@@ -171,6 +187,7 @@ class Engine:
         self.running: list[Sequence] = []
         self.free_slots = list(range(settings.num_slots - 1, -1, -1))
         self.in_flight: dict[int, list[Entry]] = {}
+        self.next_steps: dict[int, int] = {}  # batch in the pipeline -> the step waiting on it
         self.batch_ids = itertools.count(1)
         self.wakeup = asyncio.Event()
         self.on_finished: Callable[[Sequence], None] | None = None
@@ -223,12 +240,23 @@ class Engine:
             self.fill()
 
     def fill(self) -> None:
-        """Send micro-batches until the pipeline holds `max_in_flight` of them."""
-        while self.pipeline is not None and len(self.in_flight) < self.settings.max_in_flight:
+        """Start a micro-batch in every free lane; with the token loop, queue each lane's next
+        step behind its batch."""
+        while self.pipeline is not None and self._lanes() < self.settings.max_in_flight:
             entries = self._next_batch()
             if not entries:
                 break
             self._send(entries)
+        if self.pipeline is None or not (self.settings.token_loop and self.pipeline.token_loop):
+            return
+        waited_on = set(self.next_steps.values())
+        for batch_id in [b for b in self.in_flight if b not in waited_on | self.next_steps.keys()]:
+            entries = self._next_batch(batch_id)
+            if entries:
+                self._send(entries, batch_id)
+
+    def _lanes(self) -> int:
+        return len(self.in_flight) - len(self.next_steps)
 
     def _admit(self) -> None:
         while self.waiting and self.free_slots:
@@ -239,48 +267,84 @@ class Engine:
             self.totals.prompt_tokens += len(sequence.prompt)
         self._update_gauges()
 
-    def _next_batch(self) -> list[Entry]:
-        """Decodes first, then prompt chunks, under the token budget; spread over free batches."""
+    def _next_batch(self, after: int | None = None) -> list[Entry]:
+        """Decodes first, then prompt chunks, under the token budget; a new lane takes its share
+        of the sequences ready. The next step of batch `after` continues its sequences first."""
         self._admit()
-        ready = [s for s in self.running if not s.in_flight and not s.finished]
-        if not ready:
-            return []
-        free_batches = self.settings.max_in_flight - len(self.in_flight)
-        max_sequences = math.ceil(len(ready) / free_batches)
-        ready.sort(key=lambda s: (s.length - s.computed > 1, s.created))
         budget, entries = self.settings.max_batch_tokens, []
-        for sequence in ready[:max_sequences]:
+        if after is not None:
+            for entry in self._continuations(after):
+                if entry.length <= budget:
+                    entries.append(entry)
+                    budget -= entry.length
+        ready = [s for s in self.running if not s.in_flight and not s.finished]
+        ready.sort(key=lambda s: (s.length - s.computed > 1, s.created))
+        if after is None and ready:
+            free_lanes = self.settings.max_in_flight - self._lanes()
+            ready = ready[: math.ceil(len(ready) / free_lanes)]
+        for sequence in ready:
             length = min(sequence.length - sequence.computed, budget)
             if length <= 0:
                 break
             sampled = sequence.computed + length == sequence.length
-            entries.append(Entry(sequence, length, sampled))
+            entries.append(Entry(sequence, sequence.computed, length, sampled))
             budget -= length
         return entries
 
-    def _send(self, entries: list[Entry]) -> None:
+    def _continuations(self, batch_id: int) -> list[Entry]:
+        """The next step of each sequence in batch `batch_id` that it can take before that
+        batch's tokens are known: not when the batch's token may end it by length, nor with
+        penalties (their counts need that token)."""
+        entries = []
+        for entry in self.in_flight[batch_id]:
+            sequence, start = entry.sequence, entry.start + entry.length
+            if sequence.finished or sequence.penalized:
+                continue
+            if not entry.sampled:  # the next chunk of its prompt
+                length = min(sequence.length - start, self.settings.max_batch_tokens)
+                entries.append(Entry(sequence, start, length, start + length == sequence.length))
+            elif (
+                len(sequence.generated) + 1 < sequence.params.max_tokens
+                and start + 1 < self.settings.max_seq_len
+            ):
+                entries.append(Entry(sequence, start, 1, True, fed=True))
+        return entries
+
+    def _send(self, entries: list[Entry], after: int | None = None) -> None:
         assert self.pipeline is not None
         batch_id = next(self.batch_ids)
+        # the row of each sequence among the tokens that batch `after` samples
+        sampled_rows = {}
+        if after is not None:
+            sampled = [e.sequence for e in self.in_flight[after] if e.sampled]
+            sampled_rows = {sequence: row for row, sequence in enumerate(sampled)}
         ids: list[int] = []
-        spans, sample, requests, penalties = [], [], {}, []
+        spans, sample, requests, penalties, fed = [], [], {}, [], []
         for index, entry in enumerate(entries):
             sequence = entry.sequence
-            ids += sequence.next_inputs(entry.length)
-            spans.append([sequence.slot, sequence.computed, entry.length])
+            if entry.fed:
+                fed.append([len(ids), sampled_rows[sequence]])
+                ids.append(0)
+            else:
+                ids += sequence.tokens(entry.start, entry.length)
+            spans.append([sequence.slot, entry.start, entry.length])
             requests[str(sequence.slot)] = sequence.request_id
             if entry.sampled:
                 p = sequence.params
-                seed = sequence.token_seed(sequence.length)
+                seed = sequence.token_seed(entry.start + entry.length)
                 logprobs = -1 if p.logprobs is None else p.logprobs
                 sample.append([index, p.temperature, p.top_p, p.top_k, seed, logprobs])
-                if p.presence_penalty or p.frequency_penalty:
+                if sequence.penalized:
                     counts = Counter(sequence.generated)
                     row, pairs = len(sample) - 1, [list(pair) for pair in counts.items()]
                     penalties.append([row, p.presence_penalty, p.frequency_penalty, pairs])
-            sequence.in_flight = True
+            sequence.in_flight += 1
         meta = {"spans": spans, "sample": sample, "requests": requests, "timings": []}
         if penalties:
             meta["penalties"] = penalties
+        if after is not None:
+            meta["after"], meta["fed"] = after, fed
+            self.next_steps[after] = batch_id
         self.in_flight[batch_id] = entries
         self.metrics.batches_in_flight.set(len(self.in_flight))
         self.pipeline.send_batch(Frame(Kind.BATCH, batch_id, meta, torch.tensor(ids)))
@@ -292,6 +356,7 @@ class Engine:
         entries = self.in_flight.pop(batch_id, None)
         if entries is None:
             return  # a batch of a pipeline that has since been replaced
+        self.next_steps.pop(batch_id, None)  # the step waiting on it is in the pipeline now
         self._record_timings(meta, entries)
         sampled = iter(tokens.tolist())
         logprobs = meta.get("logprobs")
@@ -299,19 +364,21 @@ class Engine:
         accepted = []
         for entry in entries:
             sequence = entry.sequence
-            sequence.in_flight = False
-            sequence.computed += entry.length
-            if sequence.finished:  # cancelled, or a stop string ended it while this was out
-                self._retire(sequence)
-            elif entry.sampled:
-                token = next(sampled)
+            sequence.in_flight -= 1
+            sequence.computed = entry.start + entry.length
+            # every sampled row has its token (and log-probabilities), in the batch's order
+            token, logprob = (
+                (next(sampled), next(logprobs, None)) if entry.sampled else (None, None)
+            )
+            if sequence.finished:  # ended while this was out: its token, if any, is dropped
+                if not sequence.in_flight:
+                    self._retire(sequence)
+            elif token is not None:
                 sequence.generated.append(token)
                 sequence.finish_reason = self._finish_reason(sequence, token)
-                if sequence.finish_reason is not None:
+                if sequence.finish_reason is not None and not sequence.in_flight:
                     self._retire(sequence)  # its slot can serve the next step already
-                accepted.append(
-                    (sequence, token, TokenLogprob.from_wire(token, next(logprobs, None)))
-                )
+                accepted.append((sequence, token, TokenLogprob.from_wire(token, logprob)))
         self.metrics.batches_in_flight.set(len(self.in_flight))
         # The next step leaves now, before the tokens become text: the stages compute while the
         # gateway detokenizes, matches stop strings and queues SSE chunks (with 64 sequences a
@@ -389,10 +456,16 @@ class Engine:
     def on_batch_failed(self, batch_id: int, message: str) -> None:
         """A stage refused or failed a batch: its sequences end with an error."""
         entries = self.in_flight.pop(batch_id, None) or []
-        for entry in entries:
-            entry.sequence.in_flight = False
-            if entry.sequence.finished:  # its stream has ended already: only the slot is left
+        # The step waiting on this batch will not run: its other sequences are scheduled again.
+        for entry in self.in_flight.pop(self.next_steps.pop(batch_id, 0), []):
+            entry.sequence.in_flight -= 1
+            if entry.sequence.finished and not entry.sequence.in_flight:
                 self._retire(entry.sequence)
+        for entry in entries:
+            entry.sequence.in_flight -= 1
+            if entry.sequence.finished:  # its stream has ended already: only the slot is left
+                if not entry.sequence.in_flight:
+                    self._retire(entry.sequence)
             else:
                 self._fail(entry.sequence, GenerationFailed(f"a pipeline stage failed: {message}"))
         self.metrics.batches_in_flight.set(len(self.in_flight))
@@ -403,9 +476,10 @@ class Engine:
         its prompt and generated tokens on the new route to rebuild its KV cache."""
         self.pipeline = None
         self.in_flight.clear()
+        self.next_steps.clear()
         self.metrics.batches_in_flight.set(0)
         for sequence in list(self.running):
-            sequence.in_flight = False
+            sequence.in_flight = 0
             sequence.computed = 0
             if sequence.finished:  # ended while its batch was out: that batch will not return
                 self._retire(sequence)
@@ -415,9 +489,10 @@ class Engine:
         self.pipeline = None
         self.available = False
         self.in_flight.clear()
+        self.next_steps.clear()
         error = Unavailable(f"the pipeline was lost: {reason}")
         for sequence in list(self.running) + list(self.waiting):
-            sequence.in_flight = False
+            sequence.in_flight = 0
             if sequence.finished:
                 self._retire(sequence)
             else:
@@ -460,4 +535,7 @@ class Engine:
             ],
             "waiting": len(self.waiting),
             "batches_in_flight": len(self.in_flight),
+            "token_loop": bool(
+                self.settings.token_loop and self.pipeline and self.pipeline.token_loop
+            ),
         }

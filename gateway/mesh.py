@@ -157,6 +157,8 @@ class Mesh:
         self.plan_ids = itertools.count(1)
         self.plan_id = 0
         self.live = False
+        # the last stage feeds its tokens straight to the first (it reported a link to it)
+        self.token_loop = False
         self.first_join: float | None = None
         self.events: list[dict[str, Any]] = []
         # Told of every batch sent and the route it goes through (the contribution ledger).
@@ -263,6 +265,8 @@ class Mesh:
             return
         worker.ready = True
         self._note_links(worker, meta)
+        if worker is self.route[-1]:
+            self.token_loop = bool(meta.get("token_loop"))
         if self.route and all(w.ready for w in self.route):
             self.live = True
             log.info("pipeline ready: %s", self.describe_route())
@@ -283,10 +287,14 @@ class Mesh:
     def _error(self, worker: WorkerInfo | None, frame: Frame) -> None:
         message = str(frame.meta.get("message", "unknown error"))
         log.warning("error from %s: %s", worker.node_id if worker else "?", message)
+        code = frame.meta.get("code")
         if frame.message_id:
             self.engine.on_batch_failed(frame.message_id, message)
-        elif frame.meta.get("code") == "assign_failed" and worker is not None:
+        elif code == "assign_failed" and worker is not None:
             self._lost(worker, f"could not load its layers: {message}")
+        elif code == "loop_lost" and self.route and worker is self.route[-1]:
+            # steps waiting at the first stage for the last stage's tokens would never run
+            self._replan("the last stage lost its token loop link")
 
     # -- planning and failover -------------------------------------------------------------
 
@@ -356,6 +364,7 @@ class Mesh:
     def _assign(self, route: list[WorkerInfo], ranges: list[tuple[int, int] | None]) -> None:
         self.plan_id = next(self.plan_ids)
         self.route = route
+        self.token_loop = False
         self.engine.available = True
         for worker in self.workers.values():
             if worker not in route:
@@ -377,6 +386,8 @@ class Mesh:
             "num_slots": settings.num_slots,
             "max_seq_len": settings.max_seq_len,
             "next": None if following is None else following.hop().meta(),
+            # the last stage's token loop: the first stage's address (none if it is the first)
+            "first": self.route[0].hop().meta() if following is None and layers[0] else None,
         }
 
     # -- the engine's pipeline -------------------------------------------------------------
@@ -403,6 +414,7 @@ class Mesh:
         return {
             "ready": self.live,
             "plan_id": self.plan_id,
+            "token_loop": self.token_loop,
             "num_layers": self.config.num_layers,
             "stages": [
                 {"index": index} | worker.describe() for index, worker in enumerate(self.route)

@@ -46,6 +46,7 @@ class GatewaySettings:
     max_batch_tokens: int = 256
     max_waiting: int = 64
     max_in_flight: int = 0
+    token_loop: bool = True  # the last stage feeds its tokens to the first (gateway/engine.py)
     # None: announce on the LAN (mDNS) when the mesh endpoint is not on loopback.
     announce: bool | None = None
     # Register with this relay (HOST, PORT), so workers that cannot reach us directly can.
@@ -70,6 +71,7 @@ async def load_model(spec: str, settings: GatewaySettings, metrics: Metrics) -> 
         max_batch_tokens=settings.max_batch_tokens,
         max_waiting=settings.max_waiting,
         max_in_flight=settings.max_in_flight or settings.stages,
+        token_loop=settings.token_loop,
     )
     engine = Engine(engine_settings, ChatFormat(model_dir), set(config.eos_token_ids), metrics)
     mesh = Mesh(engine, str(model_dir), config, settings.stages)

@@ -31,6 +31,7 @@ class AutoSettings:
     max_waiting: int = 64
     max_batch_tokens: int = 256
     max_in_flight: int = 0
+    token_loop: bool = True
     port: int = 9337
     mesh_port: int = 9338
     slots: int = 16
@@ -90,6 +91,7 @@ class Cluster:
             str(s.max_batch_tokens),
             "--max-in-flight",
             str(s.max_in_flight),
+            "--token-loop" if s.token_loop else "--no-token-loop",
             f"--busy-poll-ms={s.busy_poll_ms:g}",
         ]
         relay = f"127.0.0.1:{s.relay_port}"

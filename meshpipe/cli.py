@@ -40,6 +40,12 @@ def _add_gateway(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-in-flight", type=int, default=0, help="micro-batches in the pipeline (0: stages)"
     )
+    p.add_argument(
+        "--token-loop",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the last stage feeds each step's tokens straight to the first (default: on)",
+    )
     p.add_argument("--token", default=None, help=f"join token (default: ${TOKEN_ENV} or kept)")
     p.add_argument(
         "--announce",
@@ -125,6 +131,12 @@ def _add_auto(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch-tokens", type=int, default=256, help="tokens per micro-batch")
     p.add_argument(
         "--max-in-flight", type=int, default=0, help="micro-batches in the pipeline (0: stages)"
+    )
+    p.add_argument(
+        "--token-loop",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the last stage feeds each step's tokens straight to the first (default: on)",
     )
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--device", choices=["cpu", "cuda", "mps"], default="cpu")
@@ -219,6 +231,7 @@ def run_gateway(args: argparse.Namespace) -> None:
         max_batch_tokens=args.max_batch_tokens,
         max_waiting=args.max_waiting,
         max_in_flight=args.max_in_flight,
+        token_loop=args.token_loop,
         announce=args.announce,
         relay=args.relay,
         busy_poll_ms=max(0.0, args.busy_poll_ms or 0.0),
@@ -310,6 +323,7 @@ def run_auto(args: argparse.Namespace) -> None:
             max_waiting=args.max_waiting,
             max_batch_tokens=args.max_batch_tokens,
             max_in_flight=args.max_in_flight,
+            token_loop=args.token_loop,
             verbose=args.verbose,
             port=args.port,
             mesh_port=args.mesh_port,

@@ -44,6 +44,7 @@ class Kind(enum.IntEnum):
     ERROR = 10
     ECHO = 11  # transport benchmark: sent back unchanged
     STATUS = 12  # a worker's live figures
+    FEED = 13  # the token loop: a step's sampled token ids, from the last stage to the first
 
 
 class DType(enum.IntEnum):

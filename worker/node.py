@@ -2,8 +2,11 @@
 
 Links: the worker dials the gateway (control, and for the first stage the token batches in,
 for the last stage the sampled tokens out); it listens for the previous stage and dials the
-next one. Compute runs on one thread of its own, never on the event loop, so QUIC's ACKs and
-timers keep their pace while a forward pass runs.
+next one. The last stage also dials the first one for the token loop: each step's sampled
+tokens go straight back to the first stage, where the gateway's next step for those sequences
+is already waiting for them (`after` in its metadata), so the gateway is off the path from one
+token to the next. Compute runs on one thread of its own, never on the event loop, so QUIC's
+ACKs and timers keep their pace while a forward pass runs.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import logging
 import os
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -30,7 +34,7 @@ from meshpipe.quic import Dialer, MeshConnection, bound_port, listen
 from meshpipe.reach import GATEWAY_NODE_ID, Hop, dial
 from meshpipe.relay_link import RelayLink, RelayUnavailable, link_kind
 from meshpipe.wire import Frame, FrameError, Kind, error_frame
-from worker.batch import Batch, parse_batch
+from worker.batch import MAX_SPANS, Batch, parse_batch
 from worker.blocks import Kernels, use_blocks
 from worker.cuda_graphs import DecodeGraphs
 from worker.model import Stage, StagePlan
@@ -44,6 +48,10 @@ RECONNECT_DELAY = 0.5
 MAX_RECONNECT_DELAY = 5.0
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SEND_WINDOW_BYTES = 64 << 20
+# The first stage of a token loop keeps this many steps that wait for their feed, and this many
+# feeds that came before their step; past that the oldest are dropped (a step with an error).
+MAX_AWAITING = 64
+MAX_FEEDS = 64
 
 
 @dataclass(frozen=True)
@@ -104,7 +112,14 @@ class WorkerNode:
         self.stage: Stage | None = None
         self.plan: StagePlan | None = None
         self.config: ModelConfig | None = None
-        self.batches: asyncio.Queue[tuple[MeshConnection, Frame]] = asyncio.Queue()
+        # (sender, frame, the batch if parsed already: a step that waited for its feed)
+        self.batches: asyncio.Queue[tuple[MeshConnection, Frame, Batch | None]] = asyncio.Queue()
+        # the token loop: the last stage's link to the first ("local" if it is the first too);
+        # on the first stage, steps waiting for their parent's tokens and tokens not awaited yet
+        self.first_stage: MeshConnection | None = None
+        self.loop_link = ""
+        self.awaiting: OrderedDict[int, tuple[MeshConnection, Frame, Batch]] = OrderedDict()
+        self.feeds: OrderedDict[int, list[int]] = OrderedDict()
         self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compute")
         # block kernels, kept across plans
         self.kernels = Kernels(settings.native_kernels and settings.device == "cpu")
@@ -222,7 +237,12 @@ class WorkerNode:
         if frame.kind == Kind.BATCH:
             if self.stage is None:
                 raise FrameError("not_ready", "this worker has no assignment yet")
-            self.batches.put_nowait((connection, frame))
+            if self.stage.plan.is_first and "after" in frame.meta:
+                self._await_feed(connection, frame)
+            else:
+                self.batches.put_nowait((connection, frame, None))
+        elif frame.kind == Kind.FEED:
+            self._on_feed(frame)
         elif frame.kind == Kind.ASSIGN and connection is self.gateway:
             asyncio.get_running_loop().create_task(self._assign(frame.meta))
         elif frame.kind == Kind.RELEASE:
@@ -233,6 +253,8 @@ class WorkerNode:
             self.next_latency.on_frame(frame)
         elif frame.kind == Kind.ERROR:
             log.warning("peer error: %s", frame.meta)
+            # a batch failed further on: the step waiting for its tokens will not get them
+            self.awaiting.pop(frame.message_id, None)
 
     def on_closed(self, connection: MeshConnection) -> None:
         if connection is self.gateway:
@@ -241,6 +263,83 @@ class WorkerNode:
         elif connection is self.next_stage:
             log.warning("lost the next stage")
             self.next_stage = None
+        elif connection is self.first_stage:
+            # Steps waiting at the first stage would wait for ever: the gateway plans again.
+            log.warning("lost the token loop's link to the first stage")
+            self.first_stage = None
+            if self.gateway is not None and not self.gateway.closed:
+                self.gateway.send(error_frame("loop_lost", "the last stage lost the first"))
+
+    # -- the token loop --------------------------------------------------------------------
+
+    def _await_feed(self, connection: MeshConnection, frame: Frame) -> None:
+        """A step whose inputs include the tokens that batch `after` samples: parsed now, run
+        when those tokens arrive (at once if they have)."""
+        after = frame.meta.pop("after")
+        if type(after) is not int:
+            raise FrameError("bad_batch", "after must be a batch id")
+        batch = self._parse(frame)
+        if batch is None:
+            return
+        fed = frame.meta.get("fed")
+        if type(fed) is not list or not all(
+            type(pair) is list
+            and len(pair) == 2
+            and all(type(i) is int for i in pair)
+            and 0 <= pair[0] < len(batch.inputs)
+            and 0 <= pair[1] < MAX_SPANS
+            for pair in fed
+        ):
+            raise FrameError("bad_batch", "fed must be [[input row, sampled row], ...]")
+        tokens = self.feeds.pop(after, None)
+        if tokens is not None:
+            self._run_fed(connection, frame, batch, tokens)
+            return
+        self.awaiting[after] = (connection, frame, batch)
+        while len(self.awaiting) > MAX_AWAITING:
+            _, (source, lost, _) = self.awaiting.popitem(last=False)
+            self._report(source, error_frame("feed_lost", "no tokens came", lost.message_id))
+
+    def _on_feed(self, frame: Frame) -> None:
+        """The tokens a batch sampled, from the last stage."""
+        tokens = frame.tensor  # None: the batch sampled nothing (a prompt chunk)
+        if tokens is not None and (tokens.dtype != torch.int64 or tokens.dim() != 1):
+            raise FrameError("bad_feed", "a feed carries int64 token ids [n]")
+        if self.plan is None or not self.plan.is_first:
+            return
+        self._feed(frame.message_id, [] if tokens is None else tokens.tolist())
+
+    def _feed(self, batch_id: int, tokens: list[int]) -> None:
+        waiting = self.awaiting.pop(batch_id, None)
+        if waiting is None:
+            self.feeds[batch_id] = tokens
+            while len(self.feeds) > MAX_FEEDS:
+                self.feeds.popitem(last=False)
+            return
+        source, frame, batch = waiting
+        try:
+            self._run_fed(source, frame, batch, tokens)
+        except FrameError as error:
+            self._report(source, error_frame(error.code, str(error), frame.message_id))
+
+    def _run_fed(
+        self, source: MeshConnection, frame: Frame, batch: Batch, tokens: list[int]
+    ) -> None:
+        """Put the fed tokens into the step's inputs and queue it."""
+        assert self.config is not None
+        vocab, inputs = self.config.vocab_size, batch.inputs
+        for row, sampled in batch.meta.pop("fed"):
+            if not (sampled < len(tokens) and 0 <= tokens[sampled] < vocab):
+                raise FrameError("bad_batch", f"no token {sampled} in the feed, or out of range")
+            inputs[row] = tokens[sampled]
+        self.batches.put_nowait((source, frame, batch))
+
+    def _feed_first(self, batch_id: int, tokens: torch.Tensor) -> None:
+        """The last stage: a step's tokens to the first stage, before the gateway has them."""
+        if self.loop_link == "local":
+            self._feed(batch_id, tokens.tolist())
+        elif self.first_stage is not None and not self.first_stage.closed:
+            self.first_stage.send(Frame(Kind.FEED, batch_id, {}, tokens))
 
     async def _assign(self, meta: dict[str, Any]) -> None:
         """Load the assigned layers (unless already held), link to the next stage, report READY.
@@ -256,12 +355,18 @@ class WorkerNode:
                     await self._load(meta)
                 self.assignment = meta
                 await self._link_next(meta.get("next"))
+                await self._link_first(meta.get("first"))
             except Exception as error:  # noqa: BLE001 - reported to the gateway, which decides
                 log.exception("assignment failed")
                 self.gateway.send(error_frame("assign_failed", f"{type(error).__name__}: {error}"))
                 return
             self.active_slots.clear()
-            ready = {"node_id": self.node_id, "plan": meta, "next_link": link_kind(self.next_stage)}
+            ready = {
+                "node_id": self.node_id,
+                "plan": meta,
+                "next_link": link_kind(self.next_stage),
+                "token_loop": self.loop_link,
+            }
             self.gateway.send(Frame(Kind.READY, 0, ready))
 
     async def _link_next(self, following: dict[str, Any] | None) -> None:
@@ -273,6 +378,32 @@ class WorkerNode:
             self.next_stage = await dial(
                 self.dialer, self.relay, hop, self, self._hello(), self.settings.relay_only
             )
+
+    async def _link_first(self, first: dict[str, Any] | None) -> None:
+        """The last stage's link to the first, for the token loop; without it (or if it cannot
+        be dialed) the gateway feeds every step itself."""
+        old, self.first_stage, self.loop_link = self.first_stage, None, ""
+        if old is not None and not old.closed:
+            old.close()
+        self.awaiting.clear()
+        self.feeds.clear()
+        assert self.plan is not None
+        if not self.plan.is_last:
+            return
+        if self.plan.is_first:
+            self.loop_link = "local"
+            return
+        if not first:
+            return
+        hop = Hop.from_meta(first)
+        try:
+            self.first_stage = await dial(
+                self.dialer, self.relay, hop, self, self._hello(), self.settings.relay_only
+            )
+        except (TimeoutError, ConnectionError, OSError, RelayUnavailable) as error:
+            log.warning("no token loop: the first stage is unreachable (%s)", error)
+            return
+        self.loop_link = link_kind(self.first_stage)
 
     async def _load(self, meta: dict[str, Any]) -> None:
         model_dir = await asyncio.to_thread(resolve, meta["model"], False)
@@ -326,9 +457,9 @@ class WorkerNode:
 
     async def _compute_loop(self) -> None:
         while True:
-            source, frame = await self.batches.get()
+            source, frame, batch = await self.batches.get()
             try:
-                batch = self._parse(frame)
+                batch = batch or self._parse(frame)
                 if batch is None:
                     continue
                 started = time.perf_counter()
@@ -431,6 +562,7 @@ class WorkerNode:
         timings = (timings if isinstance(timings, list) else [])[:64] + [self.step_seconds]
         batch.meta["timings"] = timings
         if self.stage.plan.is_last:
+            self._feed_first(batch.batch_id, result)
             meta = {"timings": timings}
             if logprobs is not None:
                 meta["logprobs"] = logprobs
