@@ -61,7 +61,12 @@ def weight_bytes(model_dir: Path) -> int:
 
 
 def start_cluster(
-    model_dir: Path, slots: int, in_flight: int, busy_poll_ms: float | None, log: Path
+    model_dir: Path,
+    slots: int,
+    in_flight: int,
+    busy_poll_ms: float | None,
+    token_loop: bool,
+    log: Path,
 ) -> tuple[subprocess.Popen, str]:
     port = free_port()
     command = [
@@ -91,6 +96,7 @@ def start_cluster(
         str(free_port(socket.SOCK_DGRAM)),
     ]
     command += [] if busy_poll_ms is None else [f"--busy-poll-ms={busy_poll_ms:g}"]
+    command += [] if token_loop else ["--no-token-loop"]
     process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 900
     while "meshpipe is ready" not in (text := log.read_text()):
@@ -213,6 +219,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--busy-poll-ms", type=float, default=None, help="every process (default: auto's, 20)"
     )
+    parser.add_argument(
+        "--token-loop",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the last stage feeds its tokens straight to the first (default: on)",
+    )
     parser.add_argument("--single-only", action="store_true", help="the single stream alone")
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
@@ -224,7 +236,9 @@ def main(argv: list[str] | None = None) -> None:
     weights = weight_bytes(model_dir)
     log = Path(os.environ["MESHPIPE_HOME"]) / "cluster.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    process, url = start_cluster(model_dir, args.slots, args.max_in_flight, args.busy_poll_ms, log)
+    process, url = start_cluster(
+        model_dir, args.slots, args.max_in_flight, args.busy_poll_ms, args.token_loop, log
+    )
     try:
         ours = serve_figures(url, model_dir, args)
     finally:
@@ -241,6 +255,7 @@ def main(argv: list[str] | None = None) -> None:
         "copy_bandwidth_bytes_s": round(bandwidth),
         "roofline_single_stream_tok_s": round(bandwidth / weights, 1),
         "busy_poll_ms": args.busy_poll_ms,
+        "token_loop": args.token_loop,
         "meshpipe": ours,
     }
     path = Path(args.output) if args.output else RESULTS / f"gpu-{report['date'][:10]}.json"
