@@ -106,10 +106,17 @@ def test_default_model_three_stages(default_model: Path) -> None:
         three.process.stop()
 
 
-@pytest.mark.parametrize("stages", [2, 3])
-def test_tiny_random_llama(tiny_model: Path, stages: int) -> None:
-    tiny = start_auto(tiny_model, stages)
+@pytest.mark.parametrize(
+    ("stages", "loop"),
+    [(1, True), (2, True), (3, True), (2, False)],
+    ids=["1-stage", "2-stages", "3-stages", "2-stages-no-token-loop"],
+)
+def test_tiny_random_llama(tiny_model: Path, stages: int, loop: bool) -> None:
+    """With the token loop (one stage feeds itself; the last of two or three dials the first)
+    and without it (the gateway sends every step)."""
+    tiny = start_auto(tiny_model, stages, *([] if loop else ["--no-token-loop"]))
     try:
+        assert tiny.status()["engine"]["token_loop"] is loop
         assert_parity(tiny, tiny_model, PROMPTS, 16)
     finally:
         tiny.process.stop()

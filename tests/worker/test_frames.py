@@ -56,12 +56,12 @@ def worker_address(cluster: Cluster, index: int) -> tuple[str, int]:
 
 
 async def dial(
-    cluster: Cluster, home: Path, token: str | None = None
+    cluster: Cluster, home: Path, token: str | None = None, stage: int = 1
 ) -> tuple[Dialer, MeshConnection, Collector]:
     identity = load_or_create_identity(home / "test-peer", "peer")
     dialer = Dialer(identity, token or cluster.status()["join_token"])
     collector = Collector()
-    host, port = worker_address(cluster, 1)
+    host, port = worker_address(cluster, stage)
     connection = await dialer.dial(host, port, collector, {"node_id": "test-peer", "role": "test"})
     return dialer, connection, collector
 
@@ -214,3 +214,72 @@ def test_frames_before_hello_are_refused(cluster: Cluster, home: Path) -> None:
     assert frame.kind == Kind.ERROR and frame.meta["code"] == "unauthorized"
     assert closed
     assert json.loads(json.dumps(frame.meta))["message"]
+
+
+def chained(message_id: int, meta: dict, plan_id: int) -> Frame:
+    """A step for the first stage that waits for the tokens of batch `meta["after"]`."""
+    spans = {"spans": [[15, 0, 1]], "sample": [], "plan_id": plan_id}
+    return Frame(Kind.BATCH, message_id, spans | meta, torch.zeros(1, dtype=torch.int64))
+
+
+def test_malformed_token_loop_frames_get_error_frames(cluster: Cluster, home: Path) -> None:
+    """Steps waiting for a feed and feeds, sent to the first stage: each malformed one gets an
+    ERROR, a step whose feed never comes is dropped with one once MAX_AWAITING wait behind it,
+    and the stage keeps serving. (Batch ids far above the gateway's own: errors about a step
+    are reported to the gateway too.)"""
+    from worker.node import MAX_AWAITING
+
+    plan_id = cluster.status()["pipeline"]["plan_id"]
+    b = 10**12
+
+    async def scenario() -> list[tuple[int, str]]:
+        dialer, connection, collector = await dial(cluster, home, stage=0)
+        answers = []
+        try:
+            frames = [
+                chained(b + 1, {"after": "one"}, plan_id),
+                chained(b + 2, {"after": 2 * b, "fed": [[5, 0]]}, plan_id),  # no input row 5
+                chained(b + 3, {"after": 2 * b, "fed": "all"}, plan_id),
+                Frame(Kind.FEED, b + 4, {}, torch.zeros(2)),  # not token ids
+                chained(b + 5, {"after": 2 * b + 5, "fed": [[0, 3]]}, plan_id),
+                Frame(Kind.FEED, 2 * b + 5, {}, torch.tensor([7])),  # the feed has no token 3
+                Frame(Kind.FEED, 2 * b + 6, {}, torch.tensor([-1])),
+                chained(b + 6, {"after": 2 * b + 6, "fed": [[0, 0]]}, plan_id),  # out of range
+            ]
+            for frame in frames:
+                connection.send(frame)
+            for _ in range(6):
+                error = await collector.next()
+                answers.append((error.message_id - b, error.meta["code"]))
+            # Steps whose feeds never come: the oldest is dropped with an ERROR.
+            for index in range(MAX_AWAITING + 1):
+                meta = {"after": 3 * b + index, "fed": [[0, 0]]}
+                connection.send(chained(b + 100 + index, meta, plan_id))
+            error = await collector.next()
+            answers.append((error.message_id - b, error.meta["code"]))
+            await asyncio.sleep(0.3)
+            assert not collector.frames and not connection.closed
+        finally:
+            await dialer.close()
+        return answers
+
+    assert asyncio.run(scenario()) == [
+        (1, "bad_batch"),
+        (2, "bad_batch"),
+        (3, "bad_batch"),
+        (4, "bad_feed"),
+        (5, "bad_batch"),
+        (6, "bad_batch"),
+        (100, "feed_lost"),
+    ]
+    response = httpx.post(
+        f"{cluster.url}/v1/chat/completions",
+        timeout=60,
+        json={
+            "model": cluster.model,
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 4,
+        },
+    )
+    assert response.status_code == 200
+    assert response.json()["usage"]["completion_tokens"] == 4
