@@ -142,12 +142,23 @@ def stage_totals(url: str) -> dict[str, tuple[float, float]]:
     return {stage: (value[0], value[1]) for stage, value in totals.items()}
 
 
+def loop_figures(url: str) -> dict[str, int]:
+    """The first stage's token-loop counts so far: steps run on fed tokens, and feeds that came
+    before the gateway's step (the gateway, not the pipeline, was the late one)."""
+    first = httpx.get(f"{url}/api/status").json()["stages"][0]
+    return {"fed_steps": first["fed_steps"], "feeds_ahead": first["feeds_ahead"]}
+
+
 def measured(url: str, model: str, prompts: list[Prompt], concurrency: int, tokens: int) -> dict:
     """A level's figures, with the mean compute time of a micro-batch on each stage: what is
     left of the inter-token latency after them is transport, scheduling and HTTP."""
-    before = stage_totals(url)
+    before, loop_before = stage_totals(url), loop_figures(url)
     figures = asyncio.run(level(url, model, prompts, concurrency, tokens))
     after = stage_totals(url)
+    time.sleep(0.6)  # the first stage's figures reach the gateway with its heartbeats
+    figures["token_loop"] = {
+        key: value - loop_before[key] for key, value in loop_figures(url).items()
+    }
     figures["stage_step_ms"] = {
         stage: round(1000 * (seconds - before.get(stage, (0, 0))[0]) / batches, 3)
         for stage, (seconds, count) in after.items()

@@ -120,6 +120,8 @@ class WorkerNode:
         self.loop_link = ""
         self.awaiting: OrderedDict[int, tuple[MeshConnection, Frame, Batch]] = OrderedDict()
         self.feeds: OrderedDict[int, list[int]] = OrderedDict()
+        self.fed_steps = 0  # steps run on fed tokens
+        self.feeds_ahead = 0  # feeds that came before their step: the gateway was the late one
         self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compute")
         # block kernels, kept across plans
         self.kernels = Kernels(settings.native_kernels and settings.device == "cpu")
@@ -225,6 +227,8 @@ class WorkerNode:
                 "steps": self.steps,
                 "step_seconds": self.step_seconds,
                 "queued": self.batches.qsize(),
+                "fed_steps": self.fed_steps,
+                "feeds_ahead": self.feeds_ahead,
                 "next_rtt": self.next_latency.rtt if self.next_stage is not None else None,
             }
             self.gateway.send(Frame(Kind.STATUS, 0, status))
@@ -312,6 +316,7 @@ class WorkerNode:
     def _feed(self, batch_id: int, tokens: list[int]) -> None:
         waiting = self.awaiting.pop(batch_id, None)
         if waiting is None:
+            self.feeds_ahead += 1
             self.feeds[batch_id] = tokens
             while len(self.feeds) > MAX_FEEDS:
                 self.feeds.popitem(last=False)
@@ -332,6 +337,7 @@ class WorkerNode:
             if not (sampled < len(tokens) and 0 <= tokens[sampled] < vocab):
                 raise FrameError("bad_batch", f"no token {sampled} in the feed, or out of range")
             inputs[row] = tokens[sampled]
+        self.fed_steps += 1
         self.batches.put_nowait((source, frame, batch))
 
     def _feed_first(self, batch_id: int, tokens: torch.Tensor) -> None:
