@@ -388,7 +388,8 @@ class Mesh:
             "num_slots": settings.num_slots,
             "max_seq_len": settings.max_seq_len,
             "next": None if following is None else following.hop().meta(),
-            # the last stage's token loop: the first stage's address (none if it is the first)
+            # the last stage's token loop, and the first stage's address (none if it is the first)
+            "token_loop": settings.token_loop,
             "first": self.route[0].hop().meta() if following is None and layers[0] else None,
         }
 

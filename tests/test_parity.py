@@ -7,6 +7,7 @@ and `usage.completion_tokens` must equal their number.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -118,5 +119,11 @@ def test_tiny_random_llama(tiny_model: Path, stages: int, loop: bool) -> None:
     try:
         assert tiny.status()["engine"]["token_loop"] is loop
         assert_parity(tiny, tiny_model, PROMPTS, 16)
+        time.sleep(0.6)  # the stages' figures come with their heartbeats
+        first = tiny.status()["stages"][0]
+        if loop:
+            assert first["fed_steps"] > 0
+        else:  # nothing fed, nothing sent to the first stage for nothing
+            assert first["fed_steps"] == first["feeds_ahead"] == 0
     finally:
         tiny.process.stop()

@@ -361,7 +361,7 @@ class WorkerNode:
                     await self._load(meta)
                 self.assignment = meta
                 await self._link_next(meta.get("next"))
-                await self._link_first(meta.get("first"))
+                await self._link_first(meta)
             except Exception as error:  # noqa: BLE001 - reported to the gateway, which decides
                 log.exception("assignment failed")
                 self.gateway.send(error_frame("assign_failed", f"{type(error).__name__}: {error}"))
@@ -385,20 +385,21 @@ class WorkerNode:
                 self.dialer, self.relay, hop, self, self._hello(), self.settings.relay_only
             )
 
-    async def _link_first(self, first: dict[str, Any] | None) -> None:
-        """The last stage's link to the first, for the token loop; without it (or if it cannot
-        be dialed) the gateway feeds every step itself."""
+    async def _link_first(self, assignment: dict[str, Any]) -> None:
+        """The last stage's link to the first, for the token loop, if the gateway has it on.
+        Without it (or if the first stage cannot be dialed) the gateway feeds every step."""
         old, self.first_stage, self.loop_link = self.first_stage, None, ""
         if old is not None and not old.closed:
             old.close()
         self.awaiting.clear()
         self.feeds.clear()
         assert self.plan is not None
-        if not self.plan.is_last:
+        if not (self.plan.is_last and assignment.get("token_loop")):
             return
         if self.plan.is_first:
             self.loop_link = "local"
             return
+        first = assignment.get("first")
         if not first:
             return
         hop = Hop.from_meta(first)
