@@ -249,8 +249,9 @@ class Engine:
             self._send(entries)
         if self.pipeline is None or not (self.settings.token_loop and self.pipeline.token_loop):
             return
-        waited_on = set(self.next_steps.values())
-        for batch_id in [b for b in self.in_flight if b not in waited_on | self.next_steps.keys()]:
+        # the lanes' batches in the pipeline that have no next step yet
+        busy = set(self.next_steps) | set(self.next_steps.values())
+        for batch_id in [b for b in self.in_flight if b not in busy]:
             entries = self._next_batch(batch_id)
             if entries:
                 self._send(entries, batch_id)

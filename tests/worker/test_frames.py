@@ -124,6 +124,17 @@ BAD_BATCHES = {
 }
 
 
+def assert_still_serving(cluster: Cluster, tokens: int) -> None:
+    body = {
+        "model": cluster.model,
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": tokens,
+    }
+    response = httpx.post(f"{cluster.url}/v1/chat/completions", timeout=60, json=body)
+    assert response.status_code == 200
+    assert response.json()["usage"]["completion_tokens"] == tokens
+
+
 def test_malformed_frames_get_error_frames(cluster: Cluster, home: Path) -> None:
     async def scenario() -> list[tuple[str, str]]:
         dialer, connection, collector = await dial(cluster, home)
@@ -146,17 +157,7 @@ def test_malformed_frames_get_error_frames(cluster: Cluster, home: Path) -> None
     expected = [(name, code) for name, (_, code) in BAD_FRAMES.items()]
     expected += [(name, "bad_batch") for name in BAD_BATCHES]
     assert answers == expected
-    response = httpx.post(
-        f"{cluster.url}/v1/chat/completions",
-        timeout=60,
-        json={
-            "model": cluster.model,
-            "messages": [{"role": "user", "content": "Hi"}],
-            "max_tokens": 3,
-        },
-    )
-    assert response.status_code == 200
-    assert response.json()["usage"]["completion_tokens"] == 3
+    assert_still_serving(cluster, 3)
 
 
 def test_many_frames_on_one_connection(cluster: Cluster, home: Path) -> None:
@@ -272,14 +273,4 @@ def test_malformed_token_loop_frames_get_error_frames(cluster: Cluster, home: Pa
         (6, "bad_batch"),
         (100, "feed_lost"),
     ]
-    response = httpx.post(
-        f"{cluster.url}/v1/chat/completions",
-        timeout=60,
-        json={
-            "model": cluster.model,
-            "messages": [{"role": "user", "content": "Hi"}],
-            "max_tokens": 4,
-        },
-    )
-    assert response.status_code == 200
-    assert response.json()["usage"]["completion_tokens"] == 4
+    assert_still_serving(cluster, 4)
