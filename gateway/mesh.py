@@ -267,7 +267,7 @@ class Mesh:
             return
         worker.ready = True
         self._note_links(worker, meta)
-        if worker is self.route[-1]:
+        if self.route and worker is self.route[-1]:
             self.token_loop = bool(meta.get("token_loop"))
         if self.route and all(w.ready for w in self.route):
             self.live = True
@@ -417,7 +417,6 @@ class Mesh:
         return {
             "ready": self.live,
             "plan_id": self.plan_id,
-            "token_loop": self.token_loop,
             "num_layers": self.config.num_layers,
             "stages": [
                 {"index": index} | worker.describe() for index, worker in enumerate(self.route)

@@ -40,12 +40,7 @@ def _add_gateway(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-in-flight", type=int, default=0, help="micro-batches in the pipeline (0: stages)"
     )
-    p.add_argument(
-        "--token-loop",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="the last stage feeds each step's tokens straight to the first (default: on)",
-    )
+    _add_token_loop_flag(p)
     p.add_argument("--token", default=None, help=f"join token (default: ${TOKEN_ENV} or kept)")
     p.add_argument(
         "--announce",
@@ -92,6 +87,15 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
     )
 
 
+def _add_token_loop_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--token-loop",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the last stage feeds each step's tokens straight to the first (default: on)",
+    )
+
+
 def _add_busy_poll_flag(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument(
         "--busy-poll-ms",
@@ -132,12 +136,7 @@ def _add_auto(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-in-flight", type=int, default=0, help="micro-batches in the pipeline (0: stages)"
     )
-    p.add_argument(
-        "--token-loop",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="the last stage feeds each step's tokens straight to the first (default: on)",
-    )
+    _add_token_loop_flag(p)
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--device", choices=["cpu", "cuda", "mps"], default="cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
