@@ -5,8 +5,9 @@
 Builds a stage of `--layers` decoder layers (plus the head with `--head`) with random bf16
 weights on the GPU, fills every KV slot to about `--context` tokens, and times one decode step
 per batch size for each variant: `graph` (the worker's CUDA graphs of eager ops,
-`--no-compile`) and `compiled` (the worker's default: the step compiled by TorchInductor, then
-captured). Prints each variant's step time, the bandwidth it reaches on the weight bytes, and
+`--no-compile`), `compiled` (the worker's default: the step compiled by TorchInductor, then
+captured) and `gathered` (compiled, with decode attention over keys gathered from the cache
+instead of `worker/decode_attention.py`'s in-place kernel). Prints each variant's step time, the bandwidth it reaches on the weight bytes, and
 the top kernels of an eager step (of the compiled graph's replay too with `--kernels`); writes
 JSON with `--output`. `--matmuls` times each weight's matrix product alone (`F.linear`, as the
 graphs call it) against the measured copy bandwidth: what the products can reach at best.
@@ -250,9 +251,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.matmuls:
         with torch.inference_mode():
             result["matmuls"] = matmul_rates(stage, batches)
+    in_place = stage.in_place_attention
     for variant in args.variants.split(","):
+        # `gathered`: compiled, with decode attention over gathered keys (before the in-place
+        # kernel, and where Triton is missing)
+        stage.in_place_attention = in_place and variant != "gathered"
         # one DecodeGraphs for every batch, as a worker has: compilations and captures add up
-        graphs = DecodeGraphs(stage, compile=variant == "compiled")
+        graphs = DecodeGraphs(stage, compile=variant != "graph")
         for batch in batches:
             with torch.inference_mode():
                 ms, first, error = time_graph(graphs, batch, args.context, args.repeats)
@@ -263,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{variant:9s} batch {batch:3d}: {ms:7.3f} ms/step  {gbs:5.0f} GB/s of weights"
                 f"  first step {first:6.1f} s  rel. error vs eager {error:.1e}"
             )
-            if args.host and variant == "compiled":
+            if args.host and variant != "graph":
                 host = time_host(graphs, batch, args.context, args.repeats)
                 result["steps"][f"{variant}/b{batch}"]["host_ms"] = host
                 print(

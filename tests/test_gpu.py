@@ -14,6 +14,7 @@ from meshpipe.models.config import ModelConfig
 from meshpipe.models.synth import synth
 from tests.cluster import save_random_llama, start_auto
 from tests.test_parity import PROMPTS, pipeline_answer, reference
+from worker import decode_attention
 from worker.cuda_graphs import DecodeGraphs
 from worker.model import Span, Stage, StagePlan
 
@@ -129,3 +130,38 @@ def test_packed_attention_equals_per_chunk(tmp_path: Path) -> None:
         error = ((packed - looped).norm() / looped.norm()).item()
         print(f"packed vs per-chunk attention, relative logit error: {error:.2e}")
         assert error < 1e-2
+
+
+@pytest.mark.parametrize(
+    ("dtype", "heads", "kv_heads", "head_dim"),
+    [
+        (torch.bfloat16, 32, 8, 128),  # Llama 3 8B's heads
+        (torch.float32, 32, 8, 128),
+        (torch.bfloat16, 8, 8, 64),  # no grouping
+        (torch.float32, 9, 3, 32),  # a group of 3: not a power of two
+    ],
+)
+def test_in_place_decode_attention_equals_gathered(dtype, heads, kv_heads, head_dim) -> None:
+    """The Triton kernel that reads each slot's keys in place gives what gathering them and
+    scaled_dot_product_attention give: lengths of one key, at block and split boundaries, up
+    to the context bound, slots out of order."""
+    assert decode_attention.available(torch.device("cuda"), head_dim)
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    context, slots = 768, 12
+    shape = (slots, kv_heads, 1024, head_dim)
+    k_cache = torch.randn(shape, device="cuda", dtype=dtype, generator=generator)
+    v_cache = torch.randn(shape, device="cuda", dtype=dtype, generator=generator)
+    lengths = torch.tensor([1, 2, 63, 64, 65, 96, 97, 500, 767, 768], device="cuda")
+    rows = torch.tensor([11, 0, 5, 3, 9, 1, 7, 2, 10, 4], device="cuda")
+    q = torch.randn((len(rows), heads, head_dim), device="cuda", dtype=dtype, generator=generator)
+    ours = decode_attention.decode_attention(q, k_cache, v_cache, rows, lengths, context)
+    keys = k_cache[:, :, :context].index_select(0, rows).float()
+    values = v_cache[:, :, :context].index_select(0, rows).float()
+    mask = (torch.arange(context, device="cuda") < lengths[:, None])[:, None, None, :]
+    theirs = torch.nn.functional.scaled_dot_product_attention(
+        q.float().unsqueeze(2), keys, values, attn_mask=mask, enable_gqa=True
+    ).squeeze(2)
+    assert ours.dtype == dtype and ours.shape == q.shape
+    error = ((ours.float() - theirs).norm() / theirs.norm()).item()
+    print(f"in-place decode attention, {dtype}, relative error: {error:.2e}")
+    assert error < (1e-2 if dtype == torch.bfloat16 else 1e-5)

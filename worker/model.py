@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.nn.attention.varlen import varlen_attn
 
 from meshpipe.models.config import ModelConfig
+from worker import decode_attention
 from worker.cpu_kernels import NativeKernels
 
 
@@ -128,7 +129,12 @@ class Attention(nn.Module):
 
     def _decode(self, q: Tensor, step: StepInputs) -> Tensor:
         """One new token for each of B sequences, attended in one batched call."""
-        assert self.kv_cache is not None and step.decode_mask is not None
+        assert self.kv_cache is not None and step.decode_slots is not None
+        if step.decode_lengths is not None:  # CUDA: each slot's keys read in place
+            caches = (self.kv_cache.k_cache, self.kv_cache.v_cache)
+            lengths = (step.decode_slots, step.decode_lengths, step.decode_context)
+            return decode_attention.decode_attention(q, *caches, *lengths)
+        assert step.decode_mask is not None
         length = step.decode_mask.shape[-1]
         # index_select, not advanced indexing: its copy runs 5-6x faster on CPU and on CUDA
         keys = self.kv_cache.k_cache[:, :, :length].index_select(0, step.decode_slots)
@@ -280,6 +286,8 @@ class StepInputs:
     prefill: list[tuple[Span, slice]]  # multi-token spans and their rows
     all_decode: bool = False  # every span is one token: no prefill, rows == decode rows
     packed: PackedSpans | None = None  # every span for one varlen call (CUDA, 16-bit)
+    decode_lengths: Tensor | None = None  # [B] keys each decode row attends (in place, CUDA)
+    decode_context: int = 0  # bounds decode_lengths
 
 
 class Stage(nn.Module):
@@ -289,6 +297,7 @@ class Stage(nn.Module):
         super().__init__()
         self.config, self.plan = config, plan
         self.packed_attention = False  # set by allocate_cache
+        self.in_place_attention = False  # decode steps read the cache in place (CUDA)
         if plan.is_first:
             self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
@@ -324,6 +333,7 @@ class Stage(nn.Module):
             and dtype in (torch.float16, torch.bfloat16)
             and torch.cuda.get_device_capability(device) >= (8, 0)
         )
+        self.in_place_attention = decode_attention.available(device, config.head_dim)
 
     def use_native_kernels(self, native: NativeKernels) -> None:
         """RMS norms and decode steps' attention in meshpipe's C kernels (CPU, float32)."""
@@ -342,6 +352,11 @@ class Stage(nn.Module):
         """Inputs of a step where every sequence adds one token; tensor ops only (no host
         synchronisation), so CUDA graphs can capture it. `length` bounds the positions."""
         cos, sin = self.rotary(positions)
+        if self.in_place_attention:
+            lengths = positions + 1
+            step = StepInputs(slots, positions, cos, sin, None, slots, None, [], all_decode=True)
+            step.decode_lengths, step.decode_context = lengths, length
+            return step
         keys = torch.arange(length, device=positions.device)
         mask = (keys.unsqueeze(0) <= positions.unsqueeze(1))[:, None, None, :]
         return StepInputs(slots, positions, cos, sin, None, slots, mask, [], all_decode=True)
