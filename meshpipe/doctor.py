@@ -34,7 +34,7 @@ from meshpipe.identity import certificate_fingerprint
 from meshpipe.models import catalog
 
 MIN_PYTHON = (3, 11)
-MIN_TORCH = (2, 4)
+MIN_TORCH = (2, 10)  # torch.nn.attention.varlen
 QUIC_PROBE_SECONDS = 3.0
 RELAY_PROBE_SECONDS = 3.0
 EXPIRY_WARNING = datetime.timedelta(days=30)
@@ -96,12 +96,12 @@ def check_python() -> Iterator[Finding]:
 
 
 def check_torch() -> Iterator[Finding]:
+    needed = ".".join(map(str, MIN_TORCH))
     try:
         import torch
     except ImportError as error:
-        yield Finding("torch", Status.FAIL, str(error), "pip install 'torch>=2.4'")
+        yield Finding("torch", Status.FAIL, str(error), f"pip install 'torch>={needed}'")
         return
-    needed = ".".join(map(str, MIN_TORCH))
     if _version(torch.__version__)[:2] < MIN_TORCH:
         yield Finding("torch", Status.FAIL, torch.__version__, f"pip install 'torch>={needed}'")
         return
