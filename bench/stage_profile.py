@@ -7,9 +7,9 @@ weights on the GPU, fills every KV slot to about `--context` tokens, and times o
 per batch size for each variant: `graph` (the worker's CUDA graphs of eager ops,
 `--no-compile`), `compiled` (the worker's default: the step compiled by TorchInductor, then
 captured) and `gathered` (compiled, with decode attention over keys gathered from the cache
-instead of `worker/decode_attention.py`'s in-place kernel). Prints each variant's step time, the bandwidth it reaches on the weight bytes, and
-the top kernels of an eager step (of the compiled graph's replay too with `--kernels`); writes
-JSON with `--output`. `--matmuls` times each weight's matrix product alone (`F.linear`, as the
+instead of `worker/decode_attention.py`'s in-place kernel). Prints each variant's step time,
+the bandwidth it reaches on the weight bytes, and the top kernels of an eager step (of the
+compiled graph's replay too with `--kernels`); writes JSON with `--output`. `--matmuls` times each weight's matrix product alone (`F.linear`, as the
 graphs call it) against the measured copy bandwidth: what the products can reach at best.
 
 With `--host`, it also times the host side of a worker's step for each batch (compiled

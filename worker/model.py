@@ -353,9 +353,8 @@ class Stage(nn.Module):
         synchronisation), so CUDA graphs can capture it. `length` bounds the positions."""
         cos, sin = self.rotary(positions)
         if self.in_place_attention:
-            lengths = positions + 1
             step = StepInputs(slots, positions, cos, sin, None, slots, None, [], all_decode=True)
-            step.decode_lengths, step.decode_context = lengths, length
+            step.decode_lengths, step.decode_context = positions + 1, length
             return step
         keys = torch.arange(length, device=positions.device)
         mask = (keys.unsqueeze(0) <= positions.unsqueeze(1))[:, None, None, :]
