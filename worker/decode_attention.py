@@ -13,10 +13,11 @@ part with an online softmax, and writes its partial output and log-sum-exp; a fe
 then combine the parts (fused by TorchInductor when the step is compiled). Wrapped as a torch
 custom op, so `torch.compile` and CUDA graphs take it like any other kernel.
 
-CUDA only, and only where Triton is installed (it comes with CUDA builds of torch);
-`available()` says so. `MESHPIPE_DECODE_ATTENTION=gathered` in a worker's environment turns it
-off (for measuring one against the other: `bench.gpu` passes its environment on). fp32 inputs are multiplied in full precision (no TF32), so the fp32
-GPU parity tests hold.
+CUDA only, where Triton is installed (it comes with CUDA builds of torch), from compute
+capability 8.0 (A100 and later); `available()` says so. `MESHPIPE_DECODE_ATTENTION=gathered` in
+a worker's environment turns it off (for measuring one against the other: `bench.gpu` passes
+its environment on). fp32 inputs are multiplied in full precision (no TF32), so the fp32 GPU
+parity tests hold.
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ def available(device: torch.device, head_dim: int) -> bool:
     """Whether the kernel serves a stage on `device` with heads of `head_dim`."""
     power_of_two = head_dim >= 16 and head_dim & (head_dim - 1) == 0
     wanted = os.environ.get("MESHPIPE_DECODE_ATTENTION", "in-place") != "gathered"
-    return triton is not None and device.type == "cuda" and power_of_two and wanted
+    if triton is None or device.type != "cuda" or not (power_of_two and wanted):
+        return False
+    # measured on sm90 only; bf16 tensor-core dots need sm80, older GPUs keep the gathered path
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 if triton is not None:
