@@ -142,23 +142,43 @@ def stage_totals(url: str) -> dict[str, tuple[float, float]]:
     return {stage: (value[0], value[1]) for stage, value in totals.items()}
 
 
-def loop_figures(url: str) -> dict[str, int]:
+def status_stages(url: str) -> list[dict[str, Any]]:
+    return httpx.get(f"{url}/api/status").json()["stages"]
+
+
+def loop_figures(stages: list[dict[str, Any]]) -> dict[str, int]:
     """The first stage's token-loop counts so far: steps run on fed tokens, and feeds that came
     before the gateway's step (the gateway, not the pipeline, was the late one)."""
-    first = httpx.get(f"{url}/api/status").json()["stages"][0]
-    return {"fed_steps": first["fed_steps"], "feeds_ahead": first["feeds_ahead"]}
+    return {"fed_steps": stages[0]["fed_steps"], "feeds_ahead": stages[0]["feeds_ahead"]}
+
+
+def host_ms(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per stage, the mean host time of a step over a level: waiting to start (the queue and
+    the parse), and handing the result to the link."""
+    figures = {}
+    for stage, (old, new) in enumerate(zip(before, after, strict=True)):
+        if steps := new["steps"] - old["steps"]:
+            figures[str(stage)] = {
+                part: round(1000 * (new[f"{part}_seconds"] - old[f"{part}_seconds"]) / steps, 3)
+                for part in ("wait", "send")
+            }
+    return figures
 
 
 def measured(url: str, model: str, prompts: list[Prompt], concurrency: int, tokens: int) -> dict:
     """A level's figures, with the mean compute time of a micro-batch on each stage: what is
     left of the inter-token latency after them is transport, scheduling and HTTP."""
-    before, loop_before = stage_totals(url), loop_figures(url)
+    time.sleep(0.6)  # the stages' figures reach the gateway with their heartbeats
+    before, stages_before = stage_totals(url), status_stages(url)
     figures = asyncio.run(level(url, model, prompts, concurrency, tokens))
     after = stage_totals(url)
-    time.sleep(0.6)  # the first stage's figures reach the gateway with its heartbeats
+    time.sleep(0.6)
+    stages_after = status_stages(url)
+    loop_before = loop_figures(stages_before)
     figures["token_loop"] = {
-        key: value - loop_before[key] for key, value in loop_figures(url).items()
+        key: value - loop_before[key] for key, value in loop_figures(stages_after).items()
     }
+    figures["stage_host_ms"] = host_ms(stages_before, stages_after)
     figures["stage_step_ms"] = {
         stage: round(1000 * (seconds - before.get(stage, (0, 0))[0]) / batches, 3)
         for stage, (seconds, count) in after.items()

@@ -96,6 +96,8 @@ class WorkerInfo:
             "active_slots": self.figures.get("active_slots", 0),
             "steps": self.figures.get("steps", 0),
             "step_seconds": self.figures.get("step_seconds", 0.0),
+            "wait_seconds": self.figures.get("wait_seconds", 0.0),
+            "send_seconds": self.figures.get("send_seconds", 0.0),
             "fed_steps": self.figures.get("fed_steps", 0),
             "feeds_ahead": self.figures.get("feeds_ahead", 0),
             "last_seen": time.monotonic() - self.last_seen,

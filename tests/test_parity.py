@@ -118,12 +118,18 @@ def test_tiny_random_llama(tiny_model: Path, stages: int, loop: bool) -> None:
     tiny = start_auto(tiny_model, stages, *([] if loop else ["--no-token-loop"]))
     try:
         assert tiny.status()["engine"]["token_loop"] is loop
+        started = time.perf_counter()
         assert_parity(tiny, tiny_model, PROMPTS, 16)
+        elapsed = time.perf_counter() - started
         time.sleep(0.6)  # the stages' figures come with their heartbeats
         first = tiny.status()["stages"][0]
         if loop:
             assert first["fed_steps"] > 0
         else:  # nothing fed, nothing sent to the first stage for nothing
             assert first["fed_steps"] == first["feeds_ahead"] == 0
+        for stage in tiny.status()["stages"]:  # the host time around each stage's steps
+            assert stage["steps"] > 0
+            assert 0 < stage["send_seconds"] < elapsed  # one send after another
+            assert 0 < stage["wait_seconds"] / stage["steps"] < elapsed
     finally:
         tiny.process.stop()

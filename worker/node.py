@@ -112,8 +112,11 @@ class WorkerNode:
         self.stage: Stage | None = None
         self.plan: StagePlan | None = None
         self.config: ModelConfig | None = None
-        # (sender, frame, the batch if parsed already: a step that waited for its feed)
-        self.batches: asyncio.Queue[tuple[MeshConnection, Frame, Batch | None]] = asyncio.Queue()
+        # (sender, frame, the batch if parsed already: a step that waited for its feed, when it
+        # could run: perf_counter() at its frame's arrival, or at its feed's)
+        self.batches: asyncio.Queue[tuple[MeshConnection, Frame, Batch | None, float]] = (
+            asyncio.Queue()
+        )
         # the token loop: the last stage's link to the first ("local" if it is the first too);
         # on the first stage, steps waiting for their parent's tokens and tokens not awaited yet
         self.first_stage: MeshConnection | None = None
@@ -128,6 +131,11 @@ class WorkerNode:
         self.active_slots: dict[int, str] = {}
         self.steps = 0
         self.step_seconds = 0.0
+        # Totals over all steps of the host time around the compute: from a step's being
+        # runnable to its start (the queue and the parse), and from its end until its result
+        # is handed to the link (framing, and waiting for the link's window).
+        self.wait_seconds = 0.0
+        self.send_seconds = 0.0
         self.gateway_lost = asyncio.Event()
         self.port = 0
         self.plan_id = 0
@@ -226,6 +234,8 @@ class WorkerNode:
                 "active_slots": len(self.active_slots),
                 "steps": self.steps,
                 "step_seconds": self.step_seconds,
+                "wait_seconds": self.wait_seconds,
+                "send_seconds": self.send_seconds,
                 "queued": self.batches.qsize(),
                 "fed_steps": self.fed_steps,
                 "feeds_ahead": self.feeds_ahead,
@@ -244,7 +254,7 @@ class WorkerNode:
             if self.stage.plan.is_first and "after" in frame.meta:
                 self._await_feed(connection, frame)
             else:
-                self.batches.put_nowait((connection, frame, None))
+                self.batches.put_nowait((connection, frame, None, time.perf_counter()))
         elif frame.kind == Kind.FEED:
             self._on_feed(frame)
         elif frame.kind == Kind.ASSIGN and connection is self.gateway:
@@ -338,7 +348,7 @@ class WorkerNode:
                 raise FrameError("bad_batch", f"no token {sampled} in the feed, or out of range")
             inputs[row] = tokens[sampled]
         self.fed_steps += 1
-        self.batches.put_nowait((source, frame, batch))
+        self.batches.put_nowait((source, frame, batch, time.perf_counter()))
 
     def _feed_first(self, batch_id: int, tokens: torch.Tensor) -> None:
         """The last stage: a step's tokens to the first stage, before the gateway has them."""
@@ -464,19 +474,22 @@ class WorkerNode:
 
     async def _compute_loop(self) -> None:
         while True:
-            source, frame, batch = await self.batches.get()
+            source, frame, batch, runnable = await self.batches.get()
             try:
                 batch = batch or self._parse(frame)
                 if batch is None:
                     continue
                 started = time.perf_counter()
+                self.wait_seconds += started - runnable
                 if self._replays_here(batch):
                     result, logprobs = await self._replay(batch), None
                 else:
                     result, logprobs = await self._on_compute_thread(self._run, batch)
-                self.step_seconds = time.perf_counter() - started
+                finished = time.perf_counter()
+                self.step_seconds = finished - started
                 self.steps += 1
                 await self._send_on(batch, result, logprobs)
+                self.send_seconds += time.perf_counter() - finished
             except FrameError as error:
                 self._report(source, error_frame(error.code, str(error), frame.message_id))
             except asyncio.CancelledError:
