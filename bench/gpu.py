@@ -155,7 +155,9 @@ def loop_figures(stages: list[dict[str, Any]]) -> dict[str, int]:
 def host_ms(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> dict[str, Any]:
     """Per stage, the mean host time of a step over a level: waiting to start (the queue and
     the parse), and handing the result to the link."""
-    figures = {}
+    figures: dict[str, Any] = {}
+    if len(before) != len(after):  # planned again during the level: no per-stage figures
+        return figures
     for stage, (old, new) in enumerate(zip(before, after, strict=True)):
         if steps := new["steps"] - old["steps"]:
             figures[str(stage)] = {
