@@ -247,7 +247,7 @@ class Engine:
             if not entries:
                 break
             self._send(entries)
-        if self.pipeline is None or not (self.settings.token_loop and self.pipeline.token_loop):
+        if not self.token_loop:
             return
         # the lanes' batches in the pipeline that have no next step yet
         busy = set(self.next_steps) | set(self.next_steps.values())
@@ -255,6 +255,11 @@ class Engine:
             entries = self._next_batch(batch_id)
             if entries:
                 self._send(entries, batch_id)
+
+    @property
+    def token_loop(self) -> bool:
+        """Whether steps are queued behind their parents: on, and the pipeline has the loop."""
+        return self.settings.token_loop and self.pipeline is not None and self.pipeline.token_loop
 
     def _lanes(self) -> int:
         return len(self.in_flight) - len(self.next_steps)
@@ -437,6 +442,13 @@ class Engine:
                 totals.stage_tokens[stage] = totals.stage_tokens.get(stage, 0) + tokens
                 totals.stage_seconds[stage] = totals.stage_seconds.get(stage, 0.0) + seconds
 
+    def _leave(self, sequence: Sequence) -> None:
+        """A batch that held `sequence` is done with it; an ended sequence that no batch holds
+        any more gives its slot back (its stream has ended already: only the slot is left)."""
+        sequence.in_flight -= 1
+        if sequence.finished and not sequence.in_flight:
+            self._retire(sequence)
+
     def _retire(self, sequence: Sequence) -> None:
         """Give the sequence's slot back, here and on every stage."""
         if sequence in self.running:
@@ -459,15 +471,10 @@ class Engine:
         entries = self.in_flight.pop(batch_id, None) or []
         # The step waiting on this batch will not run: its other sequences are scheduled again.
         for entry in self.in_flight.pop(self.next_steps.pop(batch_id, 0), []):
-            entry.sequence.in_flight -= 1
-            if entry.sequence.finished and not entry.sequence.in_flight:
-                self._retire(entry.sequence)
+            self._leave(entry.sequence)
         for entry in entries:
-            entry.sequence.in_flight -= 1
-            if entry.sequence.finished:  # its stream has ended already: only the slot is left
-                if not entry.sequence.in_flight:
-                    self._retire(entry.sequence)
-            else:
+            self._leave(entry.sequence)
+            if not entry.sequence.finished:
                 self._fail(entry.sequence, GenerationFailed(f"a pipeline stage failed: {message}"))
         self.metrics.batches_in_flight.set(len(self.in_flight))
         self.wakeup.set()
@@ -536,7 +543,5 @@ class Engine:
             ],
             "waiting": len(self.waiting),
             "batches_in_flight": len(self.in_flight),
-            "token_loop": bool(
-                self.settings.token_loop and self.pipeline and self.pipeline.token_loop
-            ),
+            "token_loop": self.token_loop,
         }
