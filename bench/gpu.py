@@ -154,7 +154,8 @@ def loop_figures(stages: list[dict[str, Any]]) -> dict[str, int]:
 
 def host_ms(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> dict[str, Any]:
     """Per stage, the mean host time of a step over a level: waiting to start (the queue and
-    the parse), and handing the result to the link."""
+    the parse), and handing the result to the link; and the mean GPU time of a decode step
+    replayed from its CUDA graph (`device`: the step's wall time less this is host time)."""
     figures: dict[str, Any] = {}
     if len(before) != len(after):  # planned again during the level: no per-stage figures
         return figures
@@ -164,6 +165,9 @@ def host_ms(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> dict[s
                 part: round(1000 * (new[f"{part}_seconds"] - old[f"{part}_seconds"]) / steps, 3)
                 for part in ("wait", "send")
             }
+            if replays := new["replays"] - old["replays"]:
+                seconds = new["replay_device_seconds"] - old["replay_device_seconds"]
+                figures[str(stage)]["device"] = round(1000 * seconds / replays, 3)
     return figures
 
 

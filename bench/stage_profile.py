@@ -6,8 +6,10 @@ Builds a stage of `--layers` decoder layers (plus the head with `--head`) with r
 weights on the GPU, fills every KV slot to about `--context` tokens, and times one decode step
 per batch size for each variant: `graph` (the worker's CUDA graphs of eager ops,
 `--no-compile`), `compiled` (the worker's default: the step compiled by TorchInductor, then
-captured) and `gathered` (compiled, with decode attention over keys gathered from the cache
-instead of `worker/decode_attention.py`'s in-place kernel). Prints each variant's step time,
+captured), `gathered` (compiled, with decode attention over keys gathered from the cache
+instead of `worker/decode_attention.py`'s in-place kernel) and `pdl` (compiled with Inductor's
+programmatic dependent launch, sm90 and later: a kernel starts while the one before it
+finishes). Prints each variant's step time,
 the bandwidth it reaches on the weight bytes, and the top kernels of an eager step (of the
 compiled graph's replay too with `--kernels`); writes JSON with `--output`. `--matmuls` times each weight's matrix product alone (`F.linear`, as the
 graphs call it) against the measured copy bandwidth: what the products can reach at best.
@@ -35,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch._inductor.config
 
 from meshpipe.models.config import ModelConfig
 from meshpipe.models.synth import PRESETS, preset_config
@@ -110,9 +113,9 @@ def time_graph(
     return statistics.median(times), first, error
 
 
-def top_kernels(step: Callable[[], Any], count: int = 10) -> list[dict[str, Any]]:
+def top_kernels(step: Callable[[], Any], count: int = 40) -> tuple[list[dict[str, Any]], float]:
     """The costliest kernels of five calls of `step` (eager ops, or a graph's replay: CUPTI
-    records the kernels a replay launches)."""
+    records the kernels a replay launches), and the ms a step that all its kernels take."""
     for _ in range(2):
         step()
     torch.cuda.synchronize()
@@ -123,10 +126,12 @@ def top_kernels(step: Callable[[], Any], count: int = 10) -> list[dict[str, Any]
         torch.cuda.synchronize()
     events = [e for e in profile.key_averages() if e.device_time_total > 0]
     events.sort(key=lambda e: e.device_time_total, reverse=True)
-    return [
+    total = sum(e.device_time_total for e in events) / 1000 / 5
+    top = [
         {"kernel": e.key[:90], "ms_per_step": e.device_time_total / 1000 / 5, "calls": e.count // 5}
         for e in events[:count]
     ]
+    return top, total
 
 
 def matmul_rates(stage: Stage, batches: list[int], repeats: int = 50) -> dict[str, Any]:
@@ -256,6 +261,7 @@ def main(argv: list[str] | None = None) -> None:
         # `gathered`: compiled, with decode attention over gathered keys (before the in-place
         # kernel, and where Triton is missing)
         stage.in_place_attention = in_place and variant != "gathered"
+        torch._inductor.config.triton.enable_pdl = variant == "pdl"
         # one DecodeGraphs for every batch, as a worker has: compilations and captures add up
         graphs = DecodeGraphs(stage, compile=variant != "graph")
         for batch in batches:
@@ -282,8 +288,9 @@ def main(argv: list[str] | None = None) -> None:
                 step = partial(graphs.run, x, spans)
             if variant == "graph" or args.kernels:
                 with torch.inference_mode():
-                    kernels = top_kernels(step)
-                result["steps"][f"{variant}/b{batch}"]["kernels"] = kernels
+                    kernels, busy = top_kernels(step)
+                figures |= {"kernels": kernels, "kernel_ms": busy, "between_kernels_ms": ms - busy}
+                print(f"    kernels {busy:.3f} ms a step, {ms - busy:.3f} ms between them")
                 for kernel in kernels:
                     print(
                         f"    {kernel['ms_per_step']:7.3f} ms x{kernel['calls']:3d} {kernel['kernel']}"

@@ -98,6 +98,8 @@ class WorkerInfo:
             "step_seconds": self.figures.get("step_seconds", 0.0),
             "wait_seconds": self.figures.get("wait_seconds", 0.0),
             "send_seconds": self.figures.get("send_seconds", 0.0),
+            "replays": self.figures.get("replays", 0),
+            "replay_device_seconds": self.figures.get("replay_device_seconds", 0.0),
             "fed_steps": self.figures.get("fed_steps", 0),
             "feeds_ahead": self.figures.get("feeds_ahead", 0),
             "last_seen": time.monotonic() - self.last_seen,

@@ -5,6 +5,7 @@ Skipped without a CUDA device (CI has none); run on a GPU machine with `pytest -
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,10 @@ def test_greedy_parity_fp32_on_cuda(gpu_tiny: Path) -> None:
         assert {s["device"] for s in cluster.status()["stages"]} == {"cuda"}
         for prompt in PROMPTS:
             assert pipeline_answer(cluster, prompt, 24) == reference(gpu_tiny, prompt, 24)
+        time.sleep(0.6)  # the stages' figures come with their heartbeats
+        for stage in cluster.status()["stages"]:  # decode steps replayed, with their GPU time
+            assert 0 < stage["replays"] <= stage["steps"]
+            assert 0 < stage["replay_device_seconds"] / stage["replays"] < 0.1
     finally:
         cluster.process.stop()
 
