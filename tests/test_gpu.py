@@ -15,7 +15,7 @@ from meshpipe.models.config import ModelConfig
 from meshpipe.models.synth import synth
 from tests.cluster import save_random_llama, start_auto
 from tests.test_parity import PROMPTS, pipeline_answer, reference
-from worker import decode_attention
+from worker import decode_attention, silu_mul
 from worker.cuda_graphs import DecodeGraphs
 from worker.model import Span, Stage, StagePlan
 
@@ -170,3 +170,20 @@ def test_in_place_decode_attention_equals_gathered(dtype, heads, kv_heads, head_
     error = ((ours.float() - theirs).norm() / theirs.norm()).item()
     print(f"in-place decode attention, {dtype}, relative error: {error:.2e}")
     assert error < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_activation_kernel_equals_silu_times_up(dtype, rows) -> None:
+    """worker/silu_mul.py's kernel gives silu(gate) * up: widths that are and are not a
+    multiple of its block, one row and many, eager and compiled (as the decode graphs run it)."""
+    assert silu_mul.available(torch.device("cuda"))
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    for width in (14336, 1000):
+        gate_up = torch.randn((rows, 2 * width), device="cuda", dtype=dtype, generator=generator)
+        gate, up = gate_up.float().chunk(2, dim=-1)
+        theirs = torch.nn.functional.silu(gate) * up
+        for ours in (silu_mul.silu_mul(gate_up), torch.compile(silu_mul.silu_mul)(gate_up)):
+            assert ours.dtype == dtype and ours.shape == (rows, width)
+            error = ((ours.float() - theirs).norm() / theirs.norm()).item()
+            assert error < (4e-3 if dtype == torch.bfloat16 else 1e-6), error

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn.attention.varlen import varlen_attn
 
 from meshpipe.models.config import ModelConfig
-from worker import decode_attention
+from worker import decode_attention, silu_mul
 from worker.cpu_kernels import NativeKernels
 
 
@@ -181,9 +181,13 @@ class FeedForward(nn.Module):
         ffn = config.intermediate_size
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * ffn, bias=False)  # gate rows, then up
         self.down_proj = nn.Linear(ffn, config.hidden_size, bias=False)
+        self.activation_kernel = False  # silu(gate) * up by worker/silu_mul.py (CUDA)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.activation_kernel:
+            return self.down_proj(silu_mul.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -334,6 +338,8 @@ class Stage(nn.Module):
             and torch.cuda.get_device_capability(device) >= (8, 0)
         )
         self.in_place_attention = decode_attention.available(device, config.head_dim)
+        for layer in self.layers:
+            layer.mlp.activation_kernel = silu_mul.available(device)
 
     def use_native_kernels(self, native: NativeKernels) -> None:
         """RMS norms and decode steps' attention in meshpipe's C kernels (CPU, float32)."""
