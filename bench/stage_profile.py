@@ -7,10 +7,9 @@ weights on the GPU, fills every KV slot to about `--context` tokens, and times o
 per batch size for each variant: `graph` (the worker's CUDA graphs of eager ops,
 `--no-compile`), `compiled` (the worker's default: the step compiled by TorchInductor, then
 captured), `gathered` (compiled, with decode attention over keys gathered from the cache
-instead of `worker/decode_attention.py`'s in-place kernel), `inline` (compiled, with SwiGLU's
-activation inlined by Inductor into the down projection instead of `worker/silu_mul.py`'s
-kernel) and `pdl` (compiled with Inductor's programmatic dependent launch, sm90 and later: a
-kernel may start while the one before it finishes). Prints each variant's step time,
+instead of `worker/decode_attention.py`'s in-place kernel) and `inline` (compiled, with
+SwiGLU's activation inlined by Inductor into the down projection instead of
+`worker/silu_mul.py`'s kernel). Prints each variant's step time,
 the bandwidth it reaches on the weight bytes, and the top kernels of an eager step (of the
 compiled graph's replay too with `--kernels`); writes JSON with `--output`. `--matmuls` times each weight's matrix product alone (`F.linear`, as the
 graphs call it) against the measured copy bandwidth: what the products can reach at best.
@@ -39,7 +38,6 @@ from typing import Any
 
 import torch
 import torch._dynamo
-import torch._inductor.config
 
 from meshpipe.models.config import ModelConfig
 from meshpipe.models.synth import PRESETS, preset_config
@@ -266,8 +264,7 @@ def main(argv: list[str] | None = None) -> None:
         stage.in_place_attention = in_place and variant != "gathered"
         for layer in stage.layers:
             layer.mlp.activation_kernel = activation and variant != "inline"
-        torch._inductor.config.triton.enable_pdl = variant == "pdl"
-        torch._dynamo.reset()  # each variant compiled afresh (Inductor's settings are not guarded)
+        torch._dynamo.reset()  # each variant compiled afresh, its compile time its own
         # one DecodeGraphs for every batch, as a worker has: compilations and captures add up
         graphs = DecodeGraphs(stage, compile=variant != "graph")
         for batch in batches:
