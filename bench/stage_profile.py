@@ -6,13 +6,13 @@ Builds a stage of `--layers` decoder layers (plus the head with `--head`) with r
 weights on the GPU, fills every KV slot to about `--context` tokens, and times one decode step
 per batch size for each variant: `graph` (the worker's CUDA graphs of eager ops,
 `--no-compile`), `compiled` (the worker's default: the step compiled by TorchInductor, then
-captured), `gathered` (compiled, with decode attention over keys gathered from the cache
-instead of `worker/decode_attention.py`'s in-place kernel) and `inline` (compiled, with
-SwiGLU's activation inlined by Inductor into the down projection instead of
-`worker/silu_mul.py`'s kernel). Prints each variant's step time,
-the bandwidth it reaches on the weight bytes, and the top kernels of an eager step (of the
-compiled graph's replay too with `--kernels`); writes JSON with `--output`. `--matmuls` times each weight's matrix product alone (`F.linear`, as the
-graphs call it) against the measured copy bandwidth: what the products can reach at best.
+captured), `gathered` (compiled, with decode attention over keys gathered from the cache instead
+of `worker/decode_attention.py`'s in-place kernel) and `inline` (compiled, with SwiGLU's
+activation inlined by Inductor into the down projection instead of `worker/silu_mul.py`'s
+kernel). Prints each variant's step time, the bandwidth it reaches on the weight bytes, and the
+top kernels of an eager step (of the compiled graph's replay too with `--kernels`); writes JSON
+with `--output`. `--matmuls` times each weight's matrix product alone (`F.linear`, as the graphs
+call it) against the measured copy bandwidth: what the products can reach at best.
 
 With `--host`, it also times the host side of a worker's step for each batch (compiled
 variant): a BATCH frame as the gateway sends it is decoded, parsed and run through the worker's
