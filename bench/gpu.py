@@ -147,9 +147,11 @@ def status_stages(url: str) -> list[dict[str, Any]]:
 
 
 def loop_figures(stages: list[dict[str, Any]]) -> dict[str, int]:
-    """The first stage's token-loop counts so far: steps run on fed tokens, and feeds that came
-    before the gateway's step (the gateway, not the pipeline, was the late one)."""
-    return {"fed_steps": stages[0]["fed_steps"], "feeds_ahead": stages[0]["feeds_ahead"]}
+    """The first stage's token-loop counts so far: steps run on fed tokens, feeds that came
+    before the gateway's step (the gateway, not the pipeline, was the late one), and steps
+    armed on the GPU before their feed (started by it, or cancelled)."""
+    names = ("fed_steps", "feeds_ahead", "armed_steps", "armed_cancelled")
+    return {name: stages[0][name] for name in names}
 
 
 def host_ms(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> dict[str, Any]:

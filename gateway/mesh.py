@@ -102,6 +102,8 @@ class WorkerInfo:
             "replay_device_seconds": self.figures.get("replay_device_seconds", 0.0),
             "fed_steps": self.figures.get("fed_steps", 0),
             "feeds_ahead": self.figures.get("feeds_ahead", 0),
+            "armed_steps": self.figures.get("armed_steps", 0),
+            "armed_cancelled": self.figures.get("armed_cancelled", 0),
             "last_seen": time.monotonic() - self.last_seen,
         }
 

@@ -53,9 +53,13 @@ def test_greedy_parity_fp32_on_cuda(gpu_tiny: Path) -> None:
         for prompt in PROMPTS:
             assert pipeline_answer(cluster, prompt, 24) == reference(gpu_tiny, prompt, 24)
         time.sleep(0.6)  # the stages' figures come with their heartbeats
-        for stage in cluster.status()["stages"]:  # decode steps replayed, with their GPU time
+        stages = cluster.status()["stages"]
+        for stage in stages:  # decode steps replayed, with their GPU time
             assert 0 < stage["replays"] <= stage["steps"]
             assert 0 < stage["replay_device_seconds"] / stage["replays"] < 0.1
+        # the first stage armed the steps that waited for their tokens, and they ran
+        first = next(stage for stage in stages if stage["layers"][0] == 0)
+        assert 0 < first["armed_steps"] <= first["fed_steps"]
     finally:
         cluster.process.stop()
 
@@ -110,6 +114,59 @@ def test_greedy_tokens_of_the_graph_equal_the_argmax(gpu_tiny: Path) -> None:
     decode = [Span(0, 6, 1), Span(1, 4, 1)]
     greedy = graphs.run(tokens, decode, greedy=True).clone()  # host inputs, as a worker gives
     assert torch.equal(greedy, graphs.run(tokens, decode).argmax(-1))
+
+
+def stage_of(model_dir: Path, start: int, end: int, slots: int = 4) -> Stage:
+    """Layers [start, end) of a model as one stage, in fp32 on the GPU."""
+    config = ModelConfig.from_dir(model_dir)
+    plan = StagePlan(start, end, config.num_layers, slots, 512)
+    with torch.device("meta"):
+        stage = Stage(config, plan)
+    stage = stage.to_empty(device="cuda")
+    stage.load(model_dir)
+    stage.reset_rope()
+    stage.allocate_cache(torch.float32, extra_slots=1)
+    return stage.eval()
+
+
+def caches(stage: Stage) -> list[torch.Tensor]:
+    return [c.clone() for layer in stage.layers for c in layer.self_attn.kv_cache.buffers()]
+
+
+@pytest.mark.parametrize("half", ["first", "last"])
+def test_an_armed_step_waits_for_its_inputs_then_equals_a_run(gpu_tiny: Path, half: str) -> None:
+    """An armed step holds the stream until released, then computes what `run` does on the
+    same inputs; a cancelled one writes only the scratch slot. Both halves: token ids into the
+    indices' buffer, hidden states through their pinned buffer."""
+    first = half == "first"
+    stage = stage_of(gpu_tiny, *((0, 2) if first else (2, 4)))
+    graphs = DecodeGraphs(stage, compile=False)
+    graphs.warm()
+    assert graphs.flag is not None, "cuStreamWaitValue32 works on this GPU"
+    width = stage.config.hidden_size
+    prompt = torch.arange(2, 12) if first else torch.randn(10, width)
+    stage(prompt.cuda(), [Span(0, 0, 6), Span(1, 0, 4)], [0])
+    decode = [Span(0, 6, 1), Span(1, 4, 1)]
+    inputs = torch.tensor([5, 9]) if first else torch.randn(2, width)
+    expected = graphs.run(inputs, decode).clone()
+
+    armed = graphs.arm(decode)
+    after = torch.cuda.Event()
+    after.record()
+    time.sleep(0.05)
+    assert not after.query(), "the armed step ran before its inputs came"
+    graphs.release(armed, inputs)
+    after.synchronize()
+    assert torch.allclose(armed.output, expected, atol=1e-5, rtol=1e-5)
+
+    kept = caches(stage)
+    armed = graphs.arm(decode)
+    graphs.cancel(armed)
+    torch.cuda.synchronize()
+    scratch = graphs.scratch_slot
+    for before, now in zip(kept, caches(stage), strict=True):
+        assert torch.equal(before[:scratch], now[:scratch]), "a cancelled step wrote a slot"
+    assert torch.allclose(graphs.run(inputs, decode), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_packed_attention_equals_per_chunk(tmp_path: Path) -> None:

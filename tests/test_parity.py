@@ -132,5 +132,6 @@ def test_tiny_random_llama(tiny_model: Path, stages: int, loop: bool) -> None:
             assert 0 < stage["send_seconds"] < elapsed  # one send after another
             assert 0 < stage["wait_seconds"] / stage["steps"] < elapsed
             assert stage["replays"] == stage["replay_device_seconds"] == 0  # no CUDA graphs
+            assert stage["armed_steps"] == stage["armed_cancelled"] == 0
     finally:
         tiny.process.stop()

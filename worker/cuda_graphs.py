@@ -10,6 +10,11 @@ elementwise work between the matrix products (norms, rotary, SiLU, residuals, th
 gathers) fuses into a few Triton kernels instead of dozens of small launches. Batch size and
 context are dynamic (a batch of one is specialised, as torch does for sizes 0 and 1), so two
 compilations serve every bucket; `warm` does both when the stage loads, not on a request.
+
+A step can also be armed (`arm`): queued whole on the stream behind a wait for a flag in pinned
+memory (worker/stream_wait.py) before its inputs have come, and started by `release` once they
+have, with one store. `cancel` starts it on the scratch slot instead, so that it writes nothing
+a request owns and its output is dropped.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch._inductor.config
 from torch import Tensor
 
 from worker.model import Span, Stage
+from worker.stream_wait import StreamFlag, stream_flag
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +63,17 @@ class CapturedStep:
     tokens: Tensor | None  # [bucket] the greedy token of each row, on the last stage
 
 
+@dataclass
+class ArmedStep:
+    """A decode step queued behind the stream's wait for its inputs."""
+
+    count: int  # its rows
+    bucket: int
+    output: Tensor  # what `run` would return
+    begun: torch.cuda.Event  # recorded behind the wait: when it was let go
+    released: bool = False  # by `release`, on its inputs
+
+
 class DecodeGraphs:
     """Captures and replays the decode step of one stage."""
 
@@ -84,7 +101,15 @@ class DecodeGraphs:
             self.inputs = torch.zeros(shape, dtype=dtype, device=self.device)
         self.host_indices = torch.zeros(rows, self.max_batch, dtype=torch.long).pin_memory()
         self.host_view = self.host_indices.numpy()  # written with numpy: no torch op per field
-        self.copied = torch.cuda.Event()  # the last copy out of host_indices
+        # hidden states from the host are staged here, so that their copy is a DMA from pinned
+        # memory, queued like the indices' (not a synchronous copy from the frame's bytes)
+        self.host_inputs = (
+            None
+            if stage.plan.is_first
+            else torch.empty_like(self.inputs, device="cpu").pin_memory()
+        )
+        self.copied = torch.cuda.Event()  # the last copy out of host_indices and host_inputs
+        self.flag: StreamFlag | None = None  # set by warm() where steps can be armed
         self.pool = torch.cuda.graph_pool_handle()
         self.captured: dict[tuple[int, int], CapturedStep] = {}
 
@@ -107,6 +132,7 @@ class DecodeGraphs:
             self.stage.plan.max_seq_len,
             time.perf_counter() - started,
         )
+        self.flag = stream_flag(self.device)
 
     def handles(self, spans: list[Span]) -> bool:
         return all(span.length == 1 for span in spans) and len(spans) <= self.max_batch
@@ -127,24 +153,73 @@ class DecodeGraphs:
 
         The host side of a step is what a single stream waits for between stages, so it is
         kept to a few launches: the indices are written into a pinned buffer with numpy and
-        copied in one transfer, hidden states straight into the graph's input buffer."""
+        copied in one transfer, hidden states through a pinned buffer of their own."""
+        step, count, bucket = self._stage_indices(spans)
+        if self.stage.plan.is_first:
+            self.host_view[2, :count] = inputs.numpy(force=True)
+        elif inputs.is_cuda:
+            self.inputs[:count].copy_(inputs)
+        else:
+            self.host_inputs[:count].copy_(inputs)
+        self._queue(step, count, bucket, inputs.is_cuda)
+        return self._output(step, count, greedy)
+
+    @torch.inference_mode()
+    def arm(self, spans: list[Span], greedy: bool = False) -> ArmedStep:
+        """Queue a decode step (captured already) whose inputs have not come: it waits on the
+        stream for `release` or `cancel`. Until then nothing else may be queued on the stream
+        (worker/stream_wait.py)."""
+        assert self.flag is not None, "steps are armed only where warm() found the flag working"
+        step, count, bucket = self._stage_indices(spans)
+        self.flag.hold(torch.cuda.current_stream())
+        begun = torch.cuda.Event(enable_timing=True)
+        begun.record()
+        self._queue(step, count, bucket, False)
+        return ArmedStep(count, bucket, self._output(step, count, greedy), begun)
+
+    def release(self, armed: ArmedStep, inputs: Tensor) -> None:
+        """Start an armed step on `inputs` (on the host): token ids, or hidden states."""
+        assert self.flag is not None
+        if self.stage.plan.is_first:
+            self.host_view[2, : armed.count] = inputs.numpy()
+        else:
+            self.host_inputs[: armed.count].copy_(inputs)
+        self.flag.release()
+        armed.released = True
+
+    def cancel(self, armed: ArmedStep) -> None:
+        """Start an armed step on the scratch slot: it writes no request's cache, and its
+        output is not read."""
+        assert self.flag is not None
+        self.host_view[0, : armed.bucket] = self.scratch_slot
+        self.host_view[1:, : armed.bucket] = 0
+        self.flag.release()
+
+    def _stage_indices(self, spans: list[Span]) -> tuple[CapturedStep, int, int]:
+        """The step's graph, with its slots and positions written into the pinned buffer."""
         count = len(spans)
         bucket, context = self._key(spans)
-        self.copied.synchronize()  # the previous step's transfer has left the pinned buffer
+        self.copied.synchronize()  # the previous step's transfers have left the pinned buffers
         host = self.host_view
+        host[:, count:bucket] = 0
         host[0, count:bucket] = self.scratch_slot
-        host[1, count:bucket] = 0
         host[0, :count] = [span.slot for span in spans]
         host[1, :count] = [span.start for span in spans]
-        if self.stage.plan.is_first:
-            host[2, :count] = inputs.numpy(force=True)
-            host[2, count:bucket] = 0
-        else:
-            self.inputs[:count].copy_(inputs, non_blocking=True)
-        self.indices[:, :bucket].copy_(self.host_indices[:, :bucket], non_blocking=True)
-        self.copied.record()
         step = self.captured.get((bucket, context)) or self._capture(bucket, context)
+        return step, count, bucket
+
+    def _queue(self, step: CapturedStep, count: int, bucket: int, inputs_there: bool) -> None:
+        """The inputs' copies and the graph, on the current stream."""
+        # all of the buffer, so that the copy is one DMA that reads it when it runs: a column
+        # slice is not contiguous, and torch would gather it on the host at once, before an
+        # armed step's tokens are written
+        self.indices.copy_(self.host_indices, non_blocking=True)
+        if self.host_inputs is not None and not inputs_there:
+            self.inputs[:count].copy_(self.host_inputs[:count], non_blocking=True)
+        self.copied.record()
         step.graph.replay()
+
+    def _output(self, step: CapturedStep, count: int, greedy: bool) -> Tensor:
         if greedy:
             assert step.tokens is not None, "greedy tokens come from the last stage"
             return step.tokens[:count]

@@ -36,7 +36,7 @@ from meshpipe.relay_link import RelayLink, RelayUnavailable, link_kind
 from meshpipe.wire import Frame, FrameError, Kind, error_frame
 from worker.batch import MAX_SPANS, Batch, parse_batch
 from worker.blocks import Kernels, use_blocks
-from worker.cuda_graphs import DecodeGraphs
+from worker.cuda_graphs import ArmedStep, DecodeGraphs
 from worker.model import Stage, StagePlan
 from worker.sampling import apply_penalties, sample, token_logprobs
 
@@ -140,6 +140,13 @@ class WorkerNode:
         # the graph and the result's copy): the step's wall time less this is host time
         self.replays = 0
         self.replay_device_seconds = 0.0
+        # On the first stage, the held step that is armed: queued on the GPU behind a wait,
+        # started by its feed's arrival (worker/stream_wait.py). At most one; every other use
+        # of the GPU cancels it first.
+        self.armed: tuple[int, ArmedStep] | None = None  # (batch id, step)
+        self.armed_steps = 0  # armed steps started by their feed
+        self.armed_cancelled = 0
+        self.on_thread = 0  # steps or loads running on the compute thread
         self.gateway_lost = asyncio.Event()
         self.port = 0
         self.plan_id = 0
@@ -167,6 +174,7 @@ class WorkerNode:
         finally:
             for task in tasks:
                 task.cancel()
+            self._cancel_armed()
             server.close()
             if self.relay is not None:
                 self.relay.close()
@@ -242,6 +250,8 @@ class WorkerNode:
                 "send_seconds": self.send_seconds,
                 "replays": self.replays,
                 "replay_device_seconds": self.replay_device_seconds,
+                "armed_steps": self.armed_steps,
+                "armed_cancelled": self.armed_cancelled,
                 "queued": self.batches.qsize(),
                 "fed_steps": self.fed_steps,
                 "feeds_ahead": self.feeds_ahead,
@@ -274,11 +284,12 @@ class WorkerNode:
         elif frame.kind == Kind.ERROR:
             log.warning("peer error: %s", frame.meta)
             # a batch failed further on: the step waiting for its tokens will not get them
-            self.awaiting.pop(frame.message_id, None)
+            self._drop_awaiting(frame.message_id)
 
     def on_closed(self, connection: MeshConnection) -> None:
         if connection is self.gateway:
             log.warning("lost the gateway; joining again")
+            self._cancel_armed()  # joining again asks the GPU for its free memory
             self.gateway_lost.set()
         elif connection is self.next_stage:
             log.warning("lost the next stage")
@@ -317,8 +328,35 @@ class WorkerNode:
             return
         self.awaiting[after] = (connection, frame, batch)
         while len(self.awaiting) > MAX_AWAITING:
-            _, (source, lost, _) = self.awaiting.popitem(last=False)
+            source, lost, _ = self._drop_awaiting(next(iter(self.awaiting)))
             self._report(source, error_frame("feed_lost", "no tokens came", lost.message_id))
+        self._arm(batch)
+
+    def _arm(self, batch: Batch) -> None:
+        """Queue a held decode step on the GPU now, so that its feed only has to start it:
+        issuing a step took 0.33 ms of host time on the H200 machine, on the path from one
+        token to the next. Only when the GPU's stream has nothing that could wait on it: no
+        other armed step, nothing on the compute thread."""
+        if self.armed is not None or self.on_thread or self.graphs is None:
+            return
+        if self.graphs.flag is None or not self._replays_here(batch):
+            return
+        greedy = self.graphs.stage.plan.is_last  # a single stage: its own greedy tokens
+        self.armed = (batch.batch_id, self.graphs.arm(batch.spans, greedy))
+
+    def _cancel_armed(self) -> None:
+        """Let an armed step go on the scratch slot (its output is dropped)."""
+        if self.armed is not None and self.graphs is not None:
+            self.graphs.cancel(self.armed[1])
+            self.armed_cancelled += 1
+        self.armed = None
+
+    def _drop_awaiting(self, after: int) -> tuple[MeshConnection, Frame, Batch] | None:
+        """Forget the step waiting for batch `after`'s tokens (cancelled if it is armed)."""
+        waiting = self.awaiting.pop(after, None)
+        if waiting is not None and self.armed is not None and self.armed[0] == waiting[2].batch_id:
+            self._cancel_armed()
+        return waiting
 
     def _on_feed(self, frame: Frame) -> None:
         """The tokens a batch sampled, from the last stage."""
@@ -354,6 +392,8 @@ class WorkerNode:
                 raise FrameError("bad_batch", f"no token {sampled} in the feed, or out of range")
             inputs[row] = tokens[sampled]
         self.fed_steps += 1
+        if self.armed is not None and self.armed[0] == batch.batch_id and self.graphs is not None:
+            self.graphs.release(self.armed[1], inputs)  # the GPU starts it now
         self.batches.put_nowait((source, frame, batch, time.perf_counter()))
 
     def _feed_first(self, batch_id: int, tokens: torch.Tensor) -> None:
@@ -370,6 +410,7 @@ class WorkerNode:
         replayed on the new route, and stale KV writes must not land in the slots."""
         assert self.gateway is not None
         async with self.assign_lock:
+            self._cancel_armed()  # before the stream takes a load, or the plan changes
             self.plan_id = int(meta.get("plan_id", 0))
             try:
                 if _layout(meta) != _layout(self.assignment) or self.stage is None:
@@ -475,8 +516,13 @@ class WorkerNode:
         """`work(*args)` on the compute thread; the event loop does not poll busily meanwhile,
         which would take the GIL from it (meshpipe/busy_poll.py)."""
         loop = asyncio.get_running_loop()
-        with busy_poll.paused(loop):
-            return await loop.run_in_executor(self.executor, work, *args)
+        self._cancel_armed()  # work there may wait on the GPU's stream
+        self.on_thread += 1
+        try:
+            with busy_poll.paused(loop):
+                return await loop.run_in_executor(self.executor, work, *args)
+        finally:
+            self.on_thread -= 1
 
     async def _compute_loop(self) -> None:
         while True:
@@ -487,8 +533,9 @@ class WorkerNode:
                     continue
                 started = time.perf_counter()
                 self.wait_seconds += started - runnable
-                if self._replays_here(batch):
-                    result, logprobs = await self._replay(batch), None
+                armed = self._take_armed(batch)
+                if armed is not None or self._replays_here(batch):
+                    result, logprobs = await self._replay(batch, armed), None
                 else:
                     result, logprobs = await self._on_compute_thread(self._run, batch)
                 finished = time.perf_counter()
@@ -550,15 +597,30 @@ class WorkerNode:
             return False
         return not self.stage.plan.is_last or _greedy_decode(batch)
 
-    async def _replay(self, batch: Batch) -> torch.Tensor:
-        """A captured decode step on the event loop's own thread. Launching it takes tens of
-        microseconds; its completion is then polled while the loop keeps serving QUIC. A
-        round trip through the compute thread cost about 0.45 ms a step on an H200 machine
-        (two thread wake-ups and the GIL), which a single stream pays on every stage."""
+    def _take_armed(self, batch: Batch) -> ArmedStep | None:
+        """The armed step if it is `batch` (started by its feed already); any other armed step
+        is cancelled, since `batch` is queued on the GPU after it."""
+        if self.armed is not None and self.armed[0] == batch.batch_id and self.armed[1].released:
+            armed, self.armed = self.armed[1], None
+            self.armed_steps += 1
+            return armed
+        self._cancel_armed()
+        return None
+
+    async def _replay(self, batch: Batch, armed: ArmedStep | None = None) -> torch.Tensor:
+        """A captured decode step on the event loop's own thread (or an armed one, running
+        already). Launching it takes tens of microseconds; its completion is then polled while
+        the loop keeps serving QUIC. A round trip through the compute thread cost about 0.45
+        ms a step on an H200 machine (two thread wake-ups and the GIL), which a single stream
+        pays on every stage."""
         assert self.graphs is not None and self.stage is not None
-        begun, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begun.record()
-        output = self.graphs.run(batch.inputs, batch.spans, greedy=self.stage.plan.is_last)
+        done = torch.cuda.Event(enable_timing=True)
+        if armed is not None:
+            begun, output = armed.begun, armed.output
+        else:
+            begun = torch.cuda.Event(enable_timing=True)
+            begun.record()
+            output = self.graphs.run(batch.inputs, batch.spans, greedy=self.stage.plan.is_last)
         host = self._pinned_like(output)
         host.copy_(output, non_blocking=True)
         done.record()
