@@ -285,6 +285,12 @@ def main(argv: list[str] | None = None) -> None:
         process.wait(60)
     report = {
         "command": shlex.join([sys.executable, "-m", "bench.gpu", *(argv or sys.argv[1:])]),
+        # switches that change what runs (MESHPIPE_ARMED_STEPS, MESHPIPE_SILU_MUL, ...)
+        "environment": {
+            key: value
+            for key, value in os.environ.items()
+            if key.startswith("MESHPIPE_") and key != "MESHPIPE_HOME"
+        },
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,
