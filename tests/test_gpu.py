@@ -5,6 +5,7 @@ Skipped without a CUDA device (CI has none); run on a GPU machine with `pytest -
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -13,8 +14,10 @@ import torch
 
 from meshpipe.models.config import ModelConfig
 from meshpipe.models.synth import synth
-from tests.cluster import save_random_llama, start_auto
+from meshpipe.wire import Frame, Kind, error_frame
+from tests.cluster import Cluster, save_random_llama, start_auto
 from tests.test_parity import PROMPTS, pipeline_answer, reference
+from tests.worker.test_frames import chained, dial
 from worker import decode_attention, silu_mul
 from worker.cuda_graphs import DecodeGraphs
 from worker.model import Span, Stage, StagePlan
@@ -46,10 +49,38 @@ def gpu_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_greedy_parity_fp32_on_cuda(gpu_tiny: Path) -> None:
+def cancel_two_armed_steps(cluster: Cluster, home: Path) -> None:
+    """As a peer of the first stage: a held step (armed) whose parent fails (an ERROR), and
+    one that another batch overtakes and whose feed comes after: both are cancelled, the
+    second runs when fed."""
+    plan_id = cluster.status()["pipeline"]["plan_id"]
+    b = 10**12
+
+    async def scenario() -> None:
+        dialer, connection, _ = await dial(cluster, home, stage=0)
+        try:
+            connection.send(chained(b + 1, {"after": 2 * b, "fed": [[0, 0]]}, plan_id))
+            await asyncio.sleep(0.2)
+            connection.send(error_frame("test", "this batch failed", 2 * b))
+            connection.send(chained(b + 2, {"after": 2 * b + 2, "fed": [[0, 0]]}, plan_id))
+            await asyncio.sleep(0.2)
+            spans = {"spans": [[14, 0, 1]], "sample": [], "plan_id": plan_id}
+            connection.send(Frame(Kind.BATCH, b + 3, spans, torch.tensor([5])))
+            await asyncio.sleep(0.2)
+            connection.send(Frame(Kind.FEED, 2 * b + 2, {}, torch.tensor([7])))
+            await asyncio.sleep(0.3)
+        finally:
+            await dialer.close()
+
+    asyncio.run(scenario())
+
+
+def test_greedy_parity_fp32_on_cuda(gpu_tiny: Path, home: Path) -> None:
+    """Greedy tokens equal transformers', also after armed steps were cancelled."""
     cluster = start_auto(gpu_tiny, 2, "--device", "cuda", "--dtype", "float32")
     try:
         assert {s["device"] for s in cluster.status()["stages"]} == {"cuda"}
+        cancel_two_armed_steps(cluster, home)
         for prompt in PROMPTS:
             assert pipeline_answer(cluster, prompt, 24) == reference(gpu_tiny, prompt, 24)
         time.sleep(0.6)  # the stages' figures come with their heartbeats
@@ -60,6 +91,7 @@ def test_greedy_parity_fp32_on_cuda(gpu_tiny: Path) -> None:
         # the first stage armed the steps that waited for their tokens, and they ran
         first = next(stage for stage in stages if stage["layers"][0] == 0)
         assert 0 < first["armed_steps"] <= first["fed_steps"]
+        assert first["armed_cancelled"] == 2
     finally:
         cluster.process.stop()
 
