@@ -4,8 +4,8 @@ The driver's stream memory operations (`cuStreamWaitValue32`) put a wait into a 
 queued after it starts once a 32-bit word in memory the GPU can read reaches a value. A step
 whose inputs are not there yet can then be queued whole (the wait, the inputs' copy, the
 graph), and started later by one store into pinned memory: no API call, no launch on the
-critical path. On the H200 machine a released wait ran the kernel queued behind it 12.6 us
-after the store (median), where launching the same kernel then took 51.9 us.
+critical path. On the H200 machine the kernel queued behind a wait was done 12.6 us after
+the store that released it (median), where launching the same kernel took 51.9 us to done.
 
 The driver API is called through ctypes (torch does not expose it). The flag is a pinned torch
 tensor: with unified addressing its host pointer is the GPU's pointer too.
@@ -14,9 +14,10 @@ Two rules keep a held stream from deadlocking the process:
 - nothing else is queued on the stream while it is held, by this thread or another, unless
   its release is certain to come from elsewhere;
 - no CUDA kernel is used for the first time while it is held: with lazy module loading the
-  driver loads a kernel's module on first launch and may wait for the device meanwhile (a
-  launch of a kernel not used before blocked the host for good behind a held stream, on the
-  H200 machine). The steps queued behind a wait are replays of graphs run at load.
+  driver loads a kernel's module on first launch and may wait for the device meanwhile (on
+  the H200 machine, a launch of a kernel not used before blocked the host behind a held
+  stream until the probe's 25 s timeout). The steps queued behind a wait are replays of
+  graphs run at load.
 """
 
 from __future__ import annotations
