@@ -19,6 +19,7 @@ import pstats
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import StreamDataReceived
@@ -54,7 +55,9 @@ class Pair:
             received(connection)  # the handshake's events
         self.stream_id = self.client.get_next_available_stream_id()
 
-    def deliver(self, sender: QuicConnection, receiver: QuicConnection, address) -> None:
+    def deliver(
+        self, sender: QuicConnection, receiver: QuicConnection, address: tuple[str, int]
+    ) -> None:
         """Every datagram `sender` has to send, received by `receiver`."""
         for data, _ in sender.datagrams_to_send(now=time.monotonic()):
             receiver.receive_datagram(data, address, now=time.monotonic())
@@ -79,7 +82,7 @@ def received(connection: QuicConnection) -> int:
     return count
 
 
-def measure(size: int, iterations: int, profile: bool = False) -> dict:
+def measure(size: int, iterations: int, profile: bool = False) -> dict[str, Any]:
     """Microseconds per round trip of `size` bytes, and datagrams per round trip."""
     pair, payload = Pair(), bytes(size)
     for _ in range(WARMUP_ROUND_TRIPS):
