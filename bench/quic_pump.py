@@ -38,10 +38,14 @@ class Pair:
     """A client and a server connection, handshaken, with a stream for the echo."""
 
     def __init__(self, datagram_size: int = LOOPBACK_DATAGRAM_SIZE) -> None:
-        identity = load_or_create_identity(Path(tempfile.mkdtemp()), "pump")
-        self.client = QuicConnection(configuration=configuration(True, identity, datagram_size))
+        with tempfile.TemporaryDirectory() as home:  # the certificate is read here, once
+            identity = load_or_create_identity(Path(home), "pump")
+            client, server = (
+                configuration(side, identity, datagram_size) for side in (True, False)
+            )
+        self.client = QuicConnection(configuration=client)
         self.server = QuicConnection(
-            configuration=configuration(False, identity, datagram_size),
+            configuration=server,
             original_destination_connection_id=self.client.original_destination_connection_id,
         )
         self.datagrams = 0  # delivered, either way

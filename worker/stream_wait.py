@@ -27,6 +27,7 @@ import logging
 import os
 import platform
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -39,7 +40,7 @@ class StreamFlag:
     """A flag in pinned memory that streams wait on: `hold(stream)` queues a wait for the next
     value, `release()` stores it."""
 
-    def __init__(self, wait_value_32) -> None:
+    def __init__(self, wait_value_32: Callable[[int, int, int, int], int]) -> None:
         self._wait = wait_value_32
         self._word = torch.zeros(1, dtype=torch.int32).pin_memory()
         self._view = self._word.numpy()
