@@ -7,7 +7,8 @@ weights on the GPU, fills every KV slot to about `--context` tokens, and times o
 per batch size for each variant: `graph` (the worker's CUDA graphs of eager ops,
 `--no-compile`), `compiled` (the worker's default: the step compiled by TorchInductor, then
 captured), `gathered` (compiled, with decode attention over keys gathered from the cache instead
-of `worker/decode_attention.py`'s in-place kernel) and `inline` (compiled, with SwiGLU's
+of `worker/decode_attention.py`'s in-place kernel), `unfused` (compiled, with that kernel but
+the rotary embedding and the cache writes in torch ops before it) and `inline` (compiled, with SwiGLU's
 activation inlined by Inductor into the down projection instead of `worker/silu_mul.py`'s
 kernel). Prints each variant's step time, the bandwidth it reaches on the weight bytes, and the
 top kernels of an eager step (of the compiled graph's replay too with `--kernels`); writes JSON
@@ -256,12 +257,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.matmuls:
         with torch.inference_mode():
             result["matmuls"] = matmul_rates(stage, batches)
-    in_place = stage.in_place_attention
+    in_place, fused = stage.in_place_attention, stage.fused_decode
     activation = stage.layers[0].mlp.activation_kernel
     for variant in args.variants.split(","):
         # `gathered`: compiled, with decode attention over gathered keys (before the in-place
         # kernel, and where Triton is missing)
         stage.in_place_attention = in_place and variant != "gathered"
+        stage.fused_decode = fused and variant not in ("gathered", "unfused")
         for layer in stage.layers:
             layer.mlp.activation_kernel = activation and variant != "inline"
         torch._dynamo.reset()  # each variant compiled afresh, its compile time its own

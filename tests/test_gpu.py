@@ -20,7 +20,7 @@ from tests.test_parity import PROMPTS, pipeline_answer, reference
 from tests.worker.test_frames import chained, dial
 from worker import decode_attention, silu_mul
 from worker.cuda_graphs import DecodeGraphs
-from worker.model import Span, Stage, StagePlan
+from worker.model import Span, Stage, StagePlan, apply_rotary
 
 pytestmark = [
     pytest.mark.gpu,
@@ -259,6 +259,61 @@ def test_in_place_decode_attention_equals_gathered(dtype, heads, kv_heads, head_
     error = ((ours.float() - theirs).norm() / theirs.norm()).item()
     print(f"in-place decode attention, {dtype}, relative error: {error:.2e}")
     assert error < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "heads", "kv_heads", "head_dim"),
+    [
+        (torch.bfloat16, 32, 8, 128),
+        (torch.float32, 32, 8, 128),
+        (torch.bfloat16, 8, 8, 64),
+        (torch.float32, 9, 3, 32),
+    ],
+)
+def test_fused_decode_step_equals_rotary_cache_write_and_attention(
+    dtype, heads, kv_heads, head_dim
+) -> None:
+    """The decode step's one kernel gives what apply_rotary, KVCache.update and the in-place
+    attention give, eager and compiled: the same output, the new keys and values at their
+    positions (at block and split boundaries, the first and the last position), and nothing
+    else in the cache changed."""
+    assert decode_attention.fused(torch.device("cuda"), head_dim)
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    context, slots = 768, 12
+    shape = (slots, kv_heads, 1024, head_dim)
+    k_cache = torch.randn(shape, device="cuda", dtype=dtype, generator=generator)
+    v_cache = torch.randn(shape, device="cuda", dtype=dtype, generator=generator)
+    positions = torch.tensor([0, 1, 62, 63, 64, 95, 96, 499, 766, 767], device="cuda")
+    rows = torch.tensor([11, 0, 5, 3, 9, 1, 7, 2, 10, 4], device="cuda")
+    width = (heads + 2 * kv_heads) * head_dim
+    qkv = torch.randn((len(rows), width), device="cuda", dtype=dtype, generator=generator)
+    inv_freq = 1.0 / 500000 ** (torch.arange(0, head_dim, 2, device="cuda") / head_dim)
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+
+    theirs_k, theirs_v = k_cache.clone(), v_cache.clone()
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
+    q = apply_rotary(q.reshape(-1, heads, head_dim), cos, sin)
+    k = apply_rotary(k.reshape(-1, kv_heads, head_dim), cos, sin)
+    theirs_k[rows, :, positions], theirs_v[rows, :, positions] = k, v.reshape(k.shape)
+    where = (rows, positions + 1, context)
+    theirs = decode_attention.decode_attention(q, theirs_k, theirs_v, *where).float()
+
+    step = decode_attention.decode_step_attention
+    for run in (step, torch.compile(step, fullgraph=True)):
+        ours_k, ours_v = k_cache.clone(), v_cache.clone()
+        ours = run(qkv, cos, sin, ours_k, ours_v, rows, positions, context, heads)
+        assert ours.dtype == dtype and ours.shape == q.shape
+        error = ((ours.float() - theirs).norm() / theirs.norm()).item()
+        print(f"fused decode step, {dtype}, relative error: {error:.2e}")
+        assert error < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+        tolerance = {"atol": 2e-2, "rtol": 1e-2} if dtype == torch.bfloat16 else {}
+        torch.testing.assert_close(ours_k, theirs_k, **tolerance)
+        torch.testing.assert_close(ours_v, theirs_v, atol=0, rtol=0)  # v is only copied
+        written = torch.zeros(shape[0], shape[2], dtype=torch.bool, device="cuda")
+        written[rows, positions] = True
+        untouched = ~written[:, None, :, None].expand(shape)
+        assert torch.equal(ours_k[untouched], k_cache[untouched])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -108,6 +108,14 @@ class Attention(nn.Module):
                 qkv, step.cos, step.sin, step.slots, step.positions, caches, heads
             )
             return self.o_proj(out)
+        if step.all_decode and step.fused:  # CUDA: the rotation and cache writes in-kernel
+            assert self.kv_cache is not None
+            caches = (self.kv_cache.k_cache, self.kv_cache.v_cache)
+            where = (step.slots, step.positions, step.decode_context)
+            out = decode_attention.decode_step_attention(
+                qkv, step.cos, step.sin, *caches, *where, heads
+            )
+            return self.o_proj(out.view(tokens, -1))
         sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
         q, k, v = qkv.split(sizes, dim=-1)
         q = q.reshape(tokens, heads, head_dim)
@@ -292,6 +300,7 @@ class StepInputs:
     packed: PackedSpans | None = None  # every span for one varlen call (CUDA, 16-bit)
     decode_lengths: Tensor | None = None  # [B] keys each decode row attends (in place, CUDA)
     decode_context: int = 0  # bounds decode_lengths
+    fused: bool = False  # rotary, cache writes and attention in one kernel (decode, CUDA)
 
 
 class Stage(nn.Module):
@@ -302,6 +311,7 @@ class Stage(nn.Module):
         self.config, self.plan = config, plan
         self.packed_attention = False  # set by allocate_cache
         self.in_place_attention = False  # decode steps read the cache in place (CUDA)
+        self.fused_decode = False  # and rotate and write it in the same kernel
         if plan.is_first:
             self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
@@ -338,6 +348,7 @@ class Stage(nn.Module):
             and torch.cuda.get_device_capability(device) >= (8, 0)
         )
         self.in_place_attention = decode_attention.available(device, config.head_dim)
+        self.fused_decode = decode_attention.fused(device, config.head_dim)
         for layer in self.layers:
             layer.mlp.activation_kernel = silu_mul.available(device)
 
@@ -361,6 +372,7 @@ class Stage(nn.Module):
         if self.in_place_attention:
             step = StepInputs(slots, positions, cos, sin, None, slots, None, [], all_decode=True)
             step.decode_lengths, step.decode_context = positions + 1, length
+            step.fused = self.fused_decode
             return step
         keys = torch.arange(length, device=positions.device)
         mask = (keys.unsqueeze(0) <= positions.unsqueeze(1))[:, None, None, :]
