@@ -336,8 +336,10 @@ class WorkerNode:
         """Queue a held decode step on the GPU now, so that its feed only has to start it:
         issuing a step took 0.33 ms of host time on the H200 machine, on the path from one
         token to the next. Only when the GPU's stream has nothing that could wait on it: no
-        other armed step, nothing on the compute thread."""
+        other armed step, nothing on the compute thread, no step queued to run before it."""
         if self.armed is not None or self.on_thread or self.graphs is None:
+            return
+        if not self.batches.empty():
             return
         if self.graphs.flag is None or not self._replays_here(batch):
             return
