@@ -5,8 +5,9 @@ for the last stage the sampled tokens out); it listens for the previous stage an
 next one. The last stage also dials the first one for the token loop: each step's sampled
 tokens go straight back to the first stage, where the gateway's next step for those sequences
 is already waiting for them (`after` in its metadata), so the gateway is off the path from one
-token to the next. Compute runs on one thread of its own, never on the event loop, so QUIC's
-ACKs and timers keep their pace while a forward pass runs.
+token to the next. A forward pass runs on one thread of its own, not on the event loop, so
+QUIC's ACKs and timers keep their pace meanwhile; a decode step captured in CUDA graphs is only
+launched from the event loop and polled there (worker/steps.py: how steps run on the device).
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ from meshpipe.relay_link import RelayLink, RelayUnavailable, link_kind
 from meshpipe.wire import Frame, FrameError, Kind, error_frame
 from worker.batch import MAX_SPANS, Batch, parse_batch
 from worker.blocks import Kernels, use_blocks
-from worker.cuda_graphs import ArmedStep, DecodeGraphs
+from worker.cuda_graphs import DecodeGraphs
 from worker.model import Stage, StagePlan
-from worker.sampling import apply_penalties, sample, token_logprobs
+from worker.steps import DeviceSteps
 
 log = logging.getLogger(__name__)
 Result = TypeVar("Result")
@@ -99,8 +100,8 @@ def free_memory(device: str) -> int:
     return 0
 
 
-class WorkerNode:
-    """One stage of a pipeline, served over QUIC."""
+class WorkerNode(DeviceSteps):
+    """One stage of a pipeline, served over QUIC (its steps' device side: worker/steps.py)."""
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
@@ -136,16 +137,6 @@ class WorkerNode:
         # is handed to the link (framing, and waiting for the link's window).
         self.wait_seconds = 0.0
         self.send_seconds = 0.0
-        # CUDA decode steps replayed on the event loop, and their GPU time (the inputs' copy,
-        # the graph and the result's copy): the step's wall time less this is host time
-        self.replays = 0
-        self.replay_device_seconds = 0.0
-        # On the first stage, the held step that is armed: queued on the GPU behind a wait,
-        # started by its feed's arrival (worker/stream_wait.py). At most one; every other use
-        # of the GPU cancels it first.
-        self.armed: tuple[int, ArmedStep] | None = None  # (batch id, step)
-        self.armed_steps = 0  # armed steps started by their feed
-        self.armed_cancelled = 0
         self.on_thread = 0  # steps or loads running on the compute thread
         self.gateway_lost = asyncio.Event()
         self.port = 0
@@ -154,7 +145,6 @@ class WorkerNode:
         self.assign_lock = asyncio.Lock()
         self.next_latency = LinkLatency()
         self.graphs: DecodeGraphs | None = None
-        self._pinned: torch.Tensor | None = None
         self.relay: RelayLink | None = None
 
     # -- life ------------------------------------------------------------------------------
@@ -331,27 +321,6 @@ class WorkerNode:
             source, lost, _ = self._drop_awaiting(next(iter(self.awaiting)))
             self._report(source, error_frame("feed_lost", "no tokens came", lost.message_id))
         self._arm(batch)
-
-    def _arm(self, batch: Batch) -> None:
-        """Queue a held decode step on the GPU now, so that its feed only has to start it:
-        issuing a step took 0.33 ms of host time on the H200 machine, on the path from one
-        token to the next. Only when the GPU's stream has nothing that could wait on it: no
-        other armed step, nothing on the compute thread, no step queued to run before it."""
-        if self.armed is not None or self.on_thread or self.graphs is None:
-            return
-        if not self.batches.empty():
-            return
-        if self.graphs.flag is None or not self._replays_here(batch):
-            return
-        greedy = self.graphs.stage.plan.is_last  # a single stage: its own greedy tokens
-        self.armed = (batch.batch_id, self.graphs.arm(batch.spans, greedy))
-
-    def _cancel_armed(self) -> None:
-        """Let an armed step go on the scratch slot (its output is dropped)."""
-        if self.armed is not None and self.graphs is not None:
-            self.graphs.cancel(self.armed[1])
-            self.armed_cancelled += 1
-        self.armed = None
 
     def _drop_awaiting(self, after: int) -> tuple[MeshConnection, Frame, Batch] | None:
         """Forget the step waiting for batch `after`'s tokens (cancelled if it is armed)."""
@@ -573,82 +542,6 @@ class WorkerNode:
             self.active_slots[span.slot] = str(owner)
         return batch
 
-    def _run(self, batch: Batch) -> tuple[torch.Tensor, list | None]:
-        """The forward pass (compute thread): hidden states out, or sampled token ids with the
-        log-probabilities of the rows that asked for them."""
-        assert self.stage is not None
-        if self.graphs is not None and self.graphs.handles(batch.spans):
-            if self.stage.plan.is_last and _greedy_decode(batch):  # the graph's own argmax
-                return self._to_host(self.graphs.run(batch.inputs, batch.spans, True)), None
-            output = self.graphs.run(batch.inputs, batch.spans)
-            if self.stage.plan.is_last:
-                output = output[batch.sample_rows()]
-        else:
-            inputs = batch.inputs.to(self.settings.device, non_blocking=True)
-            output = self.stage(inputs, batch.spans, batch.sample_rows())
-        if not self.stage.plan.is_last:
-            return self._to_host(output), None
-        tokens = sample(apply_penalties(output, batch.penalties), batch.sampling)
-        return self._to_host(tokens), token_logprobs(output, tokens, batch.sampling)
-
-    def _replays_here(self, batch: Batch) -> bool:
-        """A decode step whose CUDA graph is captured already, and which needs nothing on the
-        host after the replay (hidden states out, or the graph's greedy tokens)."""
-        assert self.stage is not None
-        if self.graphs is None or not self.graphs.captured_for(batch.spans):
-            return False
-        return not self.stage.plan.is_last or _greedy_decode(batch)
-
-    def _take_armed(self, batch: Batch) -> ArmedStep | None:
-        """The armed step if it is `batch` (started by its feed already); any other armed step
-        is cancelled, since `batch` is queued on the GPU after it."""
-        if self.armed is not None and self.armed[0] == batch.batch_id and self.armed[1].released:
-            armed, self.armed = self.armed[1], None
-            self.armed_steps += 1
-            return armed
-        self._cancel_armed()
-        return None
-
-    async def _replay(self, batch: Batch, armed: ArmedStep | None = None) -> torch.Tensor:
-        """A captured decode step on the event loop's own thread (or an armed one, running
-        already). Launching it takes tens of microseconds; its completion is then polled while
-        the loop keeps serving QUIC. A round trip through the compute thread cost about 0.45
-        ms a step on an H200 machine (two thread wake-ups and the GIL), which a single stream
-        pays on every stage."""
-        assert self.graphs is not None and self.stage is not None
-        done = torch.cuda.Event(enable_timing=True)
-        if armed is not None:
-            begun, output = armed.begun, armed.output
-        else:
-            begun = torch.cuda.Event(enable_timing=True)
-            begun.record()
-            output = self.graphs.run(batch.inputs, batch.spans, greedy=self.stage.plan.is_last)
-        host = self._pinned_like(output)
-        host.copy_(output, non_blocking=True)
-        done.record()
-        while not done.query():  # noqa: ASYNC110 - a CUDA event has nothing to await
-            await asyncio.sleep(0)
-        self.replays += 1
-        self.replay_device_seconds += begun.elapsed_time(done) / 1000
-        return host
-
-    def _to_host(self, output: torch.Tensor) -> torch.Tensor:
-        """Copy a result to the host; from the GPU through one reused pinned buffer."""
-        if output.device.type != "cuda":
-            return output
-        host = self._pinned_like(output)
-        host.copy_(output, non_blocking=True)
-        torch.cuda.current_stream().synchronize()
-        return host
-
-    def _pinned_like(self, output: torch.Tensor) -> torch.Tensor:
-        """The reused pinned buffer, shaped as `output` (the frame is queued, and aioquic has
-        copied its bytes, before the next step reuses it)."""
-        size = output.numel() * output.element_size()
-        if self._pinned is None or self._pinned.numel() < size:
-            self._pinned = torch.empty(2 * size, dtype=torch.uint8).pin_memory()
-        return self._pinned[:size].view(output.dtype).view(output.shape)
-
     async def _send_on(self, batch: Batch, result: torch.Tensor, logprobs: list | None) -> None:
         assert self.stage is not None and self.gateway is not None
         timings = batch.meta.get("timings")
@@ -672,16 +565,6 @@ class WorkerNode:
             source.send(frame)
             if self.gateway is not None and source is not self.gateway:
                 self.gateway.send(frame)
-
-
-def _greedy_decode(batch: Batch) -> bool:
-    """A last-stage decode step whose every row is sampled greedily, with neither penalties
-    nor log-probabilities: its tokens are the argmax that the CUDA graph computes."""
-    return (
-        batch.sample_spans == list(range(len(batch.spans)))
-        and not batch.penalties
-        and all(p.temperature == 0 and p.logprobs < 0 for p in batch.sampling)
-    )
 
 
 def _layout(assignment: dict[str, Any]) -> tuple:
