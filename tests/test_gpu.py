@@ -96,9 +96,12 @@ def test_greedy_parity_fp32_on_cuda(gpu_tiny: Path, home: Path) -> None:
         cluster.process.stop()
 
 
-def whole_model(model_dir: Path, dtype: torch.dtype, slots: int = 4) -> Stage:
+def stage_of(
+    model_dir: Path, start: int, end: int, dtype: torch.dtype = torch.float32, slots: int = 4
+) -> Stage:
+    """Layers [start, end) of a model as one stage on the GPU, as a CUDA worker builds it."""
     config = ModelConfig.from_dir(model_dir)
-    plan = StagePlan(0, config.num_layers, config.num_layers, slots, 512)
+    plan = StagePlan(start, end, config.num_layers, slots, 512)
     with torch.device("meta"):
         stage = Stage(config, plan).to(dtype=dtype)
     stage = stage.to_empty(device="cuda")
@@ -106,6 +109,11 @@ def whole_model(model_dir: Path, dtype: torch.dtype, slots: int = 4) -> Stage:
     stage.reset_rope()
     stage.allocate_cache(dtype, extra_slots=1)
     return stage.eval()
+
+
+def whole_model(model_dir: Path, dtype: torch.dtype, slots: int = 4) -> Stage:
+    layers = ModelConfig.from_dir(model_dir).num_layers
+    return stage_of(model_dir, 0, layers, dtype, slots)
 
 
 def test_bf16_logits_within_tolerance(tmp_path: Path) -> None:
@@ -146,19 +154,6 @@ def test_greedy_tokens_of_the_graph_equal_the_argmax(gpu_tiny: Path) -> None:
     decode = [Span(0, 6, 1), Span(1, 4, 1)]
     greedy = graphs.run(tokens, decode, greedy=True).clone()  # host inputs, as a worker gives
     assert torch.equal(greedy, graphs.run(tokens, decode).argmax(-1))
-
-
-def stage_of(model_dir: Path, start: int, end: int, slots: int = 4) -> Stage:
-    """Layers [start, end) of a model as one stage, in fp32 on the GPU."""
-    config = ModelConfig.from_dir(model_dir)
-    plan = StagePlan(start, end, config.num_layers, slots, 512)
-    with torch.device("meta"):
-        stage = Stage(config, plan)
-    stage = stage.to_empty(device="cuda")
-    stage.load(model_dir)
-    stage.reset_rope()
-    stage.allocate_cache(torch.float32, extra_slots=1)
-    return stage.eval()
 
 
 def caches(stage: Stage) -> list[torch.Tensor]:
