@@ -34,6 +34,7 @@ import torch
 from bench.environment import free_port
 from bench.serving import Prompt, stream_request, summarize
 from meshpipe.models.synth import synth
+from worker import step_profile
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -183,6 +184,7 @@ def measured(url: str, model: str, prompts: list[Prompt], concurrency: int, toke
     time.sleep(0.6)
     stages_after = status_stages(url)
     loop_before = loop_figures(stages_before)
+    figures["steps_before"] = [stage["steps"] for stage in stages_before]  # for --profile-steps
     figures["token_loop"] = {
         key: value - loop_before[key] for key, value in loop_figures(stages_after).items()
     }
@@ -209,6 +211,17 @@ def serve_figures(url: str, model_dir: Path, args: argparse.Namespace) -> dict[s
     ttfts = [asyncio.run(level(url, model, [p], 1, 1))["ttft_ms"]["p50"] for p in long]
     figures["ttft_1024_ms"] = {"runs": ttfts, "median": statistics.median(ttfts)}
     return figures
+
+
+def step_profiles(stages: int, timeout: float = 30.0) -> dict[str, Any]:
+    """The workers' profiles of their steps (MESHPIPE_PROFILE_STEPS), by node id: each is
+    written on a thread of its worker once its window ends, so wait a while for them."""
+    deadline = time.monotonic() + timeout
+    while len(paths := sorted(step_profile.profile_dir().glob("*.json"))) < stages:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    return {path.stem: json.loads(path.read_text()) for path in paths}
 
 
 def hf_anchor(model_dir: Path, tokens: int) -> dict[str, Any]:
@@ -265,6 +278,12 @@ def main(argv: list[str] | None = None) -> None:
         help="the last stage feeds its tokens straight to the first (default: on)",
     )
     parser.add_argument("--single-only", action="store_true", help="the single stream alone")
+    parser.add_argument(
+        "--profile-steps",
+        metavar="FIRST,COUNT",
+        help="profile each worker's steps FIRST+1..FIRST+COUNT where they run (the warm-up "
+        "takes about 40 steps a stage; worker/step_profile.py)",
+    )
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
     os.environ.setdefault("MESHPIPE_HOME", "/tmp/meshpipe-gpu-bench")
@@ -275,11 +294,17 @@ def main(argv: list[str] | None = None) -> None:
     weights = weight_bytes(model_dir)
     log = Path(os.environ["MESHPIPE_HOME"]) / "cluster.log"
     log.parent.mkdir(parents=True, exist_ok=True)
+    if args.profile_steps:
+        os.environ[step_profile.ENVIRONMENT] = args.profile_steps
+        for old in step_profile.profile_dir().glob("*.json"):
+            old.unlink()
     process, url = start_cluster(
         model_dir, args.slots, args.max_in_flight, args.busy_poll_ms, args.token_loop, log
     )
     try:
         ours = serve_figures(url, model_dir, args)
+        if args.profile_steps:
+            ours["step_profiles"] = step_profiles(len(status_stages(url)))
     finally:
         process.terminate()
         process.wait(60)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench import gpu
 from meshpipe.models.config import ModelConfig
 from meshpipe.models.synth import synth
 from meshpipe.wire import Frame, Kind, error_frame
@@ -21,6 +22,7 @@ from tests.worker.test_frames import chained, dial
 from worker import decode_attention, silu_mul
 from worker.cuda_graphs import DecodeGraphs
 from worker.model import Span, Stage, StagePlan, apply_rotary
+from worker.step_profile import ENVIRONMENT, profile_dir
 
 pytestmark = [
     pytest.mark.gpu,
@@ -92,6 +94,29 @@ def test_greedy_parity_fp32_on_cuda(gpu_tiny: Path, home: Path) -> None:
         first = next(stage for stage in stages if stage["layers"][0] == 0)
         assert 0 < first["armed_steps"] <= first["fed_steps"]
         assert first["armed_cancelled"] == 2
+    finally:
+        cluster.process.stop()
+
+
+def test_workers_profile_their_kernels_in_the_pipeline(
+    gpu_tiny: Path, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MESHPIPE_PROFILE_STEPS on CUDA workers: each writes its window's kernels (the fused
+    decode step's among them) and GPU time, its armed step cancelled around the profile (the
+    profiler synchronises the device), and the greedy tokens are still transformers'."""
+    for old in profile_dir().glob("*.json"):
+        old.unlink()
+    monkeypatch.setenv(ENVIRONMENT, "6,8")
+    cluster = start_auto(gpu_tiny, 2, "--device", "cuda", "--dtype", "float32")
+    try:
+        prompt = PROMPTS[0]
+        assert pipeline_answer(cluster, prompt, 24) == reference(gpu_tiny, prompt, 24)
+        profiles = gpu.step_profiles(2)
+        assert len(profiles) == 2
+        for summary in profiles.values():
+            assert summary["steps"] == 8 and summary["kernel_ms"] > 0
+            assert summary["device_ms"]["p50"] > 0  # the window's steps were replayed
+            assert any(k["kernel"].startswith("_attend_new_split") for k in summary["kernels"])
     finally:
         cluster.process.stop()
 

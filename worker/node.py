@@ -39,6 +39,7 @@ from worker.batch import MAX_SPANS, Batch, parse_batch
 from worker.blocks import Kernels, use_blocks
 from worker.cuda_graphs import DecodeGraphs
 from worker.model import Stage, StagePlan
+from worker.step_profile import StepProfile
 from worker.steps import DeviceSteps
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,7 @@ class WorkerNode(DeviceSteps):
         self.wait_seconds = 0.0
         self.send_seconds = 0.0
         self.on_thread = 0  # steps or loads running on the compute thread
+        self.step_profile = StepProfile.from_environment(self.node_id, settings.device)
         self.gateway_lost = asyncio.Event()
         self.port = 0
         self.plan_id = 0
@@ -502,7 +504,7 @@ class WorkerNode(DeviceSteps):
                 batch = batch or self._parse(frame)
                 if batch is None:
                     continue
-                started = time.perf_counter()
+                started, device = time.perf_counter(), self.replay_device_seconds
                 self.wait_seconds += started - runnable
                 armed = self._take_armed(batch)
                 if armed is not None or self._replays_here(batch):
@@ -514,6 +516,7 @@ class WorkerNode(DeviceSteps):
                 self.steps += 1
                 await self._send_on(batch, result, logprobs)
                 self.send_seconds += time.perf_counter() - finished
+                self._profile_step(self.replay_device_seconds - device)
             except FrameError as error:
                 self._report(source, error_frame(error.code, str(error), frame.message_id))
             except asyncio.CancelledError:
@@ -521,6 +524,14 @@ class WorkerNode(DeviceSteps):
             except Exception as error:  # noqa: BLE001 - a failed batch must not stop the stage
                 log.exception("batch %d failed", frame.message_id)
                 self._report(source, error_frame("stage_failed", str(error), frame.message_id))
+
+    def _profile_step(self, device_seconds: float) -> None:
+        """Count a step for MESHPIPE_PROFILE_STEPS (worker/step_profile.py)."""
+        if self.step_profile is None:
+            return
+        if self.step_profile.turns_after():
+            self._cancel_armed()  # the profiler synchronises the device when it stops
+        self.step_profile.after_step(self.step_seconds, device_seconds)
 
     def _parse(self, frame: Frame) -> Batch | None:
         """Validate a batch (FrameError if malformed); None if it belongs to an older plan."""
