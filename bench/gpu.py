@@ -281,8 +281,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--profile-steps",
         metavar="FIRST,COUNT",
-        help="profile each worker's steps FIRST+1..FIRST+COUNT where they run (the warm-up "
-        "takes about 40 steps a stage; worker/step_profile.py)",
+        help="profile each worker's steps FIRST+1..FIRST+COUNT where they run "
+        "(worker/step_profile.py; a level's steps_before gives the stages' counts at its start)",
     )
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)

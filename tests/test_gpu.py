@@ -246,27 +246,40 @@ def test_packed_attention_equals_per_chunk(tmp_path: Path) -> None:
         assert error < 1e-2
 
 
-@pytest.mark.parametrize(
-    ("dtype", "heads", "kv_heads", "head_dim"),
-    [
-        (torch.bfloat16, 32, 8, 128),  # Llama 3 8B's heads
-        (torch.float32, 32, 8, 128),
-        (torch.bfloat16, 8, 8, 64),  # no grouping
-        (torch.float32, 9, 3, 32),  # a group of 3: not a power of two
-    ],
-)
+# the attention kernels' shapes: (dtype, heads, KV heads, head size)
+ATTENTION_SHAPES = [
+    (torch.bfloat16, 32, 8, 128),  # Llama 3 8B's heads
+    (torch.float32, 32, 8, 128),
+    (torch.bfloat16, 8, 8, 64),  # no grouping
+    (torch.float32, 9, 3, 32),  # a group of 3: not a power of two
+]
+
+
+CONTEXT = 768  # the attention tests' context bound
+
+
+def random_caches(
+    dtype: torch.dtype, kv_heads: int, head_dim: int
+) -> tuple[torch.Generator, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A seeded generator, random key and value caches of 12 slots, and 10 rows' slots (out
+    of order)."""
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    shape = (12, kv_heads, 1024, head_dim)
+    k_cache = torch.randn(shape, device="cuda", dtype=dtype, generator=generator)
+    v_cache = torch.randn(shape, device="cuda", dtype=dtype, generator=generator)
+    rows = torch.tensor([11, 0, 5, 3, 9, 1, 7, 2, 10, 4], device="cuda")
+    return generator, k_cache, v_cache, rows
+
+
+@pytest.mark.parametrize(("dtype", "heads", "kv_heads", "head_dim"), ATTENTION_SHAPES)
 def test_in_place_decode_attention_equals_gathered(dtype, heads, kv_heads, head_dim) -> None:
     """The Triton kernel that reads each slot's keys in place gives what gathering them and
     scaled_dot_product_attention give: lengths of one key, at block and split boundaries, up
     to the context bound, slots out of order."""
     assert decode_attention.available(torch.device("cuda"), head_dim)
-    generator = torch.Generator(device="cuda").manual_seed(0)
-    context, slots = 768, 12
-    shape = (slots, kv_heads, 1024, head_dim)
-    k_cache = torch.randn(shape, device="cuda", dtype=dtype, generator=generator)
-    v_cache = torch.randn(shape, device="cuda", dtype=dtype, generator=generator)
+    generator, k_cache, v_cache, rows = random_caches(dtype, kv_heads, head_dim)
+    context = CONTEXT
     lengths = torch.tensor([1, 2, 63, 64, 65, 96, 97, 500, 767, 768], device="cuda")
-    rows = torch.tensor([11, 0, 5, 3, 9, 1, 7, 2, 10, 4], device="cuda")
     q = torch.randn((len(rows), heads, head_dim), device="cuda", dtype=dtype, generator=generator)
     ours = decode_attention.decode_attention(q, k_cache, v_cache, rows, lengths, context)
     keys = k_cache[:, :, :context].index_select(0, rows).float()
@@ -281,15 +294,7 @@ def test_in_place_decode_attention_equals_gathered(dtype, heads, kv_heads, head_
     assert error < (1e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
-@pytest.mark.parametrize(
-    ("dtype", "heads", "kv_heads", "head_dim"),
-    [
-        (torch.bfloat16, 32, 8, 128),
-        (torch.float32, 32, 8, 128),
-        (torch.bfloat16, 8, 8, 64),
-        (torch.float32, 9, 3, 32),
-    ],
-)
+@pytest.mark.parametrize(("dtype", "heads", "kv_heads", "head_dim"), ATTENTION_SHAPES)
 def test_fused_decode_step_equals_rotary_cache_write_and_attention(
     dtype, heads, kv_heads, head_dim
 ) -> None:
@@ -298,13 +303,9 @@ def test_fused_decode_step_equals_rotary_cache_write_and_attention(
     positions (at block and split boundaries, the first and the last position), and nothing
     else in the cache changed."""
     assert decode_attention.fused(torch.device("cuda"), head_dim)
-    generator = torch.Generator(device="cuda").manual_seed(0)
-    context, slots = 768, 12
-    shape = (slots, kv_heads, 1024, head_dim)
-    k_cache = torch.randn(shape, device="cuda", dtype=dtype, generator=generator)
-    v_cache = torch.randn(shape, device="cuda", dtype=dtype, generator=generator)
+    generator, k_cache, v_cache, rows = random_caches(dtype, kv_heads, head_dim)
+    shape, context = k_cache.shape, CONTEXT
     positions = torch.tensor([0, 1, 62, 63, 64, 95, 96, 499, 766, 767], device="cuda")
-    rows = torch.tensor([11, 0, 5, 3, 9, 1, 7, 2, 10, 4], device="cuda")
     width = (heads + 2 * kv_heads) * head_dim
     qkv = torch.randn((len(rows), width), device="cuda", dtype=dtype, generator=generator)
     inv_freq = 1.0 / 500000 ** (torch.arange(0, head_dim, 2, device="cuda") / head_dim)

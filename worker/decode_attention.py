@@ -70,6 +70,61 @@ def fused(device: torch.device, head_dim: int) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _attend_keys(
+        q,
+        k_ptr,
+        v_ptr,
+        start,
+        end,
+        stride_kn,
+        SCALE: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        """An online softmax of q's heads `[BLOCK_G, HEAD_DIM]` over the cached keys and values
+        at positions [start, end) (pointers to position 0 of one slot's KV head): the scores'
+        running maximum, the weights' sum and the weighted values."""
+        dims = tl.arange(0, HEAD_DIM)
+        best = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        total = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+        for first in range(start, end, BLOCK):
+            keys = first + tl.arange(0, BLOCK)
+            valid = keys < end
+            offsets = keys[:, None] * stride_kn + dims[None, :]
+            k = tl.load(k_ptr + offsets, mask=valid[:, None], other=0.0)
+            if IEEE:
+                scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                scores = tl.dot(q, tl.trans(k))
+            scores = tl.where(valid[None, :], scores * SCALE, float("-inf"))
+            new_best = tl.maximum(best, tl.max(scores, 1))
+            rescale = tl.exp(best - new_best)
+            weights = tl.exp(scores - new_best[:, None])
+            total = total * rescale + tl.sum(weights, 1)
+            v = tl.load(v_ptr + offsets, mask=valid[:, None], other=0.0)
+            if IEEE:
+                part = tl.dot(weights.to(v.dtype), v, input_precision="ieee")
+            else:
+                part = tl.dot(weights.to(v.dtype), v)
+            acc = acc * rescale[:, None] + part
+            best = new_best
+        return best, total, acc
+
+    @triton.jit
+    def _store_part(out_ptr, lse_ptr, at, in_group, best, total, acc, HEAD_DIM: tl.constexpr):
+        """A split's partial output and log-sum-exp at rows `at` of `[B * SPLITS * H, ...]`, in
+        fp32 (a split past the sequence's end attended nothing: weight 0 in the combination)."""
+        dims = tl.arange(0, HEAD_DIM)
+        seen = total > 0
+        out = tl.where(seen[:, None], acc / tl.where(seen, total, 1.0)[:, None], 0.0)
+        lse = tl.where(seen, best + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
+        tl.store(out_ptr + at[:, None] * HEAD_DIM + dims[None, :], out, mask=in_group[:, None])
+        tl.store(lse_ptr + at, lse, mask=in_group)
+
+    @triton.jit
     def _attend_split(
         q_ptr,
         k_ptr,
@@ -108,40 +163,23 @@ if triton is not None:
         q_offsets = row * stride_qb + heads[:, None] * stride_qh + dims[None, :]
         q = tl.load(q_ptr + q_offsets, mask=in_group[:, None], other=0.0)
 
-        best = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        total = tl.zeros([BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
         base = slot * stride_ks + kv_head * stride_kh
-        for first in range(start, end, BLOCK):
-            keys = first + tl.arange(0, BLOCK)
-            valid = keys < end
-            offsets = base + keys[:, None] * stride_kn + dims[None, :]
-            k = tl.load(k_ptr + offsets, mask=valid[:, None], other=0.0)
-            if IEEE:
-                scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                scores = tl.dot(q, tl.trans(k))
-            scores = tl.where(valid[None, :], scores * SCALE, float("-inf"))
-            new_best = tl.maximum(best, tl.max(scores, 1))
-            rescale = tl.exp(best - new_best)
-            weights = tl.exp(scores - new_best[:, None])
-            total = total * rescale + tl.sum(weights, 1)
-            v = tl.load(v_ptr + offsets, mask=valid[:, None], other=0.0)
-            if IEEE:
-                part = tl.dot(weights.to(v.dtype), v, input_precision="ieee")
-            else:
-                part = tl.dot(weights.to(v.dtype), v)
-            acc = acc * rescale[:, None] + part
-            best = new_best
+        best, total, acc = _attend_keys(
+            q,
+            k_ptr + base,
+            v_ptr + base,
+            start,
+            end,
+            stride_kn,
+            SCALE,
+            BLOCK_G,
+            HEAD_DIM,
+            BLOCK,
+            IEEE,
+        )
 
-        # a split past the sequence's end attended nothing: weight 0 in the combination
-        seen = total > 0
-        out = tl.where(seen[:, None], acc / tl.where(seen, total, 1.0)[:, None], 0.0)
-        lse = tl.where(seen, best + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
-        # partial outputs [B, SPLITS, H, D] and log-sum-exps [B, SPLITS, H], in fp32
         at = (row * SPLIT_COUNT + split) * HEADS + heads
-        tl.store(out_ptr + at[:, None] * HEAD_DIM + dims[None, :], out, mask=in_group[:, None])
-        tl.store(lse_ptr + at, lse, mask=in_group)
+        _store_part(out_ptr, lse_ptr, at, in_group, best, total, acc, HEAD_DIM)
 
     @triton.jit
     def _combine_splits(
@@ -231,31 +269,20 @@ if triton is not None:
         k_new = _rotate(k_new, sign * k_partner, cos, sin).to(dtype)
         v_new = tl.load(qkv_ptr + row * stride_qkv + (HEADS + KV_HEADS + kv_head) * HEAD_DIM + dims)
 
-        best = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        total = tl.zeros([BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
         base = slot * stride_ks + kv_head * stride_kh
-        for first in range(start, end, BLOCK):
-            keys = first + tl.arange(0, BLOCK)
-            valid = keys < end
-            offsets = base + keys[:, None] * stride_kn + dims[None, :]
-            k = tl.load(k_ptr + offsets, mask=valid[:, None], other=0.0)
-            if IEEE:
-                scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                scores = tl.dot(q, tl.trans(k))
-            scores = tl.where(valid[None, :], scores * SCALE, float("-inf"))
-            new_best = tl.maximum(best, tl.max(scores, 1))
-            rescale = tl.exp(best - new_best)
-            weights = tl.exp(scores - new_best[:, None])
-            total = total * rescale + tl.sum(weights, 1)
-            v = tl.load(v_ptr + offsets, mask=valid[:, None], other=0.0)
-            if IEEE:
-                part = tl.dot(weights.to(v.dtype), v, input_precision="ieee")
-            else:
-                part = tl.dot(weights.to(v.dtype), v)
-            acc = acc * rescale[:, None] + part
-            best = new_best
+        best, total, acc = _attend_keys(
+            q,
+            k_ptr + base,
+            v_ptr + base,
+            start,
+            end,
+            stride_kn,
+            SCALE,
+            BLOCK_G,
+            HEAD_DIM,
+            BLOCK,
+            IEEE,
+        )
 
         # the new key, in the split that holds its position
         score = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * SCALE
@@ -270,12 +297,8 @@ if triton is not None:
         tl.store(k_ptr + new_at, k_new, mask=written)
         tl.store(v_ptr + new_at, v_new, mask=written)
 
-        seen = total > 0
-        out = tl.where(seen[:, None], acc / tl.where(seen, total, 1.0)[:, None], 0.0)
-        lse = tl.where(seen, best + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
         at = (row * SPLIT_COUNT + split) * HEADS + heads
-        tl.store(out_ptr + at[:, None] * HEAD_DIM + dims[None, :], out, mask=in_group[:, None])
-        tl.store(lse_ptr + at, lse, mask=in_group)
+        _store_part(out_ptr, lse_ptr, at, in_group, best, total, acc, HEAD_DIM)
 
     @torch.library.triton_op("meshpipe::decode_attention", mutates_args=())
     def _attend(

@@ -23,6 +23,7 @@ def test_a_level_reports_each_stage_host_time_and_no_gpu_time(tiny_model: Path) 
             assert stage["wait"] > 0 and stage["send"] > 0
         assert all(ms > 0 for ms in figures["stage_step_ms"].values())
         assert figures["token_loop"]["fed_steps"] > 0
+        assert len(figures["steps_before"]) == 2  # where --profile-steps' window falls
     finally:
         cluster.process.stop()
 
