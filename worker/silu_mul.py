@@ -20,13 +20,7 @@ import os
 import torch
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU builds of torch come without Triton
-    triton = None
-if not hasattr(torch.library, "triton_op"):  # torch before 2.6
-    triton = None
+from worker.triton_import import tl, triton
 
 BLOCK = 1024  # columns a program
 

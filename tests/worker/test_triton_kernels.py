@@ -1,0 +1,140 @@
+"""meshpipe's Triton kernels checked without a GPU: compiled for sm_90, and run in fp32 in
+Triton's interpreter against torch.
+
+The GPU tests (tests/test_gpu.py) run the kernels on a device, which CI has not. Here each one
+is compiled to a cubin for an H100/H200 (Triton bundles ptxas), so a kernel that does not
+compile fails in CI, and the decode step's kernels run in Triton's CPU interpreter against
+torch's rotary embedding, cache writes and attention. fp32 only: the interpreter's bf16 does
+not round as a GPU does.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton")
+
+COMPILED = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from worker import decode_attention, silu_mul
+
+# Llama 3 8B's heads: 32 query heads over 8 KV heads of 128
+HEADS = {"HEADS": 32, "GROUP": 4, "BLOCK_G": 16, "HEAD_DIM": 128, "SPLIT_COUNT": 8}
+SPLIT = {"SCALE": 128**-0.5, "BLOCK": decode_attention.BLOCK_N, **HEADS}
+STRIDES = ("stride_ks", "stride_kh", "stride_kn", "split_size")
+
+
+def compiled(kernel, pointers, integers, constants):
+    signature = pointers | dict.fromkeys(integers, "i64") | dict.fromkeys(constants, "constexpr")
+    source = ASTSource(kernel, signature, constexprs=constants)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32))
+
+
+for dtype, ieee in (("bf16", False), ("fp32", True)):
+    cache = {"k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "slots_ptr": "*i64"}
+    parts = {"out_ptr": "*fp32", "lse_ptr": "*fp32"}
+    kernels = [
+        compiled(
+            decode_attention._attend_split,
+            {"q_ptr": f"*{dtype}", **cache, "lengths_ptr": "*i64", **parts},
+            ("stride_qb", "stride_qh", *STRIDES),
+            SPLIT | {"IEEE": ieee},
+        ),
+        compiled(
+            decode_attention._attend_new_split,
+            {"qkv_ptr": f"*{dtype}", "cos_ptr": "*fp32", "sin_ptr": "*fp32", **cache}
+            | {"positions_ptr": "*i64", **parts},
+            ("stride_qkv", "stride_cos", *STRIDES),
+            SPLIT | {"KV_HEADS": 8, "IEEE": ieee},
+        ),
+        compiled(
+            decode_attention._combine_splits,
+            {"partial_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": f"*{dtype}"},
+            (),
+            {"HEADS": 32, "HEAD_DIM": 128, "SPLIT_COUNT": 8},
+        ),
+        compiled(
+            silu_mul._silu_mul_kernel,
+            {"gate_up_ptr": f"*{dtype}", "out_ptr": f"*{dtype}"},
+            ("width",),
+            {"BLOCK": silu_mul.BLOCK},
+        ),
+    ]
+    assert all(kernel.asm["cubin"] for kernel in kernels)  # ptxas's machine code for sm_90
+print("compiled: 8 kernels")
+"""
+
+INTERPRETED = """
+import torch
+from worker import decode_attention
+from worker.model import apply_rotary
+
+generator = torch.Generator().manual_seed(0)
+heads, kv_heads, head_dim, context = 6, 2, 32, 256
+k_cache = torch.randn((5, kv_heads, 320, head_dim), generator=generator)
+v_cache = torch.randn(k_cache.shape, generator=generator)
+rows = torch.tensor([4, 0, 3, 1, 2])
+positions = torch.tensor([0, 1, 63, 64, 255])  # block and split boundaries, the bound
+qkv = torch.randn((5, (heads + 2 * kv_heads) * head_dim), generator=generator)
+inv_freq = 1.0 / 500000 ** (torch.arange(0, head_dim, 2) / head_dim)
+angles = positions.float()[:, None] * inv_freq[None, :]
+cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+
+ours_k, ours_v = k_cache.clone(), v_cache.clone()
+ours = decode_attention.decode_step_attention(
+    qkv, cos, sin, ours_k, ours_v, rows, positions, context, heads
+)
+q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
+q = apply_rotary(q.reshape(-1, heads, head_dim), cos, sin)
+k_cache[rows, :, positions] = apply_rotary(k.reshape(-1, kv_heads, head_dim), cos, sin)
+v_cache[rows, :, positions] = v.reshape(-1, kv_heads, head_dim)
+in_place = decode_attention.decode_attention(q, k_cache, v_cache, rows, positions + 1, context)
+keys = k_cache[:, :, :context].index_select(0, rows)
+values = v_cache[:, :, :context].index_select(0, rows)
+mask = (torch.arange(context) <= positions[:, None])[:, None, None, :]
+theirs = torch.nn.functional.scaled_dot_product_attention(
+    q.unsqueeze(2), keys, values, attn_mask=mask, enable_gqa=True
+).squeeze(2)
+for name, result in (("fused", ours), ("in-place", in_place)):
+    error = ((result - theirs).norm() / theirs.norm()).item()
+    assert error < 1e-5, (name, error)
+torch.testing.assert_close(ours_k, k_cache)
+assert torch.equal(ours_v, v_cache)
+print("interpreted: equal")
+"""
+
+
+def run_with_triton(script: str, **environment: str) -> str:
+    """`script` in a Python of its own, which imports Triton on this CPU build of torch
+    (worker/triton_import.py); its output."""
+    environment = os.environ | {"MESHPIPE_TRITON": "1"} | environment
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_every_kernel_compiles_for_sm90() -> None:
+    """The decode attention's three kernels and the activation's, bf16 and fp32, compiled to
+    machine code for an H100/H200 (Llama 3 8B's heads)."""
+    assert "compiled: 8 kernels" in run_with_triton(COMPILED)
+
+
+def test_the_decode_kernels_equal_torch_in_the_interpreter() -> None:
+    """The fused decode step and the in-place attention, fp32, against apply_rotary, the cache
+    writes and scaled_dot_product_attention (the interpreter is chosen when the kernels are
+    defined, so it has a process of its own too)."""
+    assert "interpreted: equal" in run_with_triton(INTERPRETED, TRITON_INTERPRET="1")
