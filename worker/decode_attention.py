@@ -40,6 +40,10 @@ from worker.triton_import import tl, triton
 
 BLOCK_N = 64  # keys per loop iteration
 SPLITS = 8  # parts of the context, each a program per (row, kv head)
+# Warps a program of the attention kernels: Triton's default, as measured so far. ptxas spills
+# registers there (255 and a 528-592 byte stack a thread for Llama 3 8B's heads on sm_90),
+# and not at 8 (docs/gpu.md, session 10); MESHPIPE_ATTENTION_WARPS=8 is for measuring that.
+WARPS = int(os.environ.get("MESHPIPE_ATTENTION_WARPS", "4"))
 
 
 def _mode() -> str:
@@ -315,6 +319,7 @@ if triton is not None:
             k_cache.stride(2),
             _split_size(context),
             **constants,
+            num_warps=WARPS,
         )
         return _combined(partial, lse, q.new_empty(q.shape))
 
@@ -350,6 +355,7 @@ if triton is not None:
             _split_size(context),
             KV_HEADS=kv_heads,
             **constants,
+            num_warps=WARPS,
         )
         return _combined(partial, lse, qkv.new_empty((rows, heads, head_dim)))
 
