@@ -1,7 +1,7 @@
 """A worker's steps profiled where they run, inside the pipeline: `MESHPIPE_PROFILE_STEPS`.
 
-`bench.stage_profile` times one stage alone. In a pipeline the same stage's GPU time a step
-came out longer, and a kernel that saved 0.17 ms a step alone saved none there (docs/gpu.md,
+`bench.stage_profile` times one stage alone. In a pipeline a stage's GPU time a step did not
+follow its kernels: a kernel that saved 0.17 ms a step alone saved none there (docs/gpu.md,
 session 10). With `MESHPIPE_PROFILE_STEPS=FIRST,COUNT` in its environment a worker records
 its steps FIRST+1 to FIRST+COUNT with torch.profiler (the GPU's kernels on CUDA) and writes a
 summary to `<data dir>/step-profiles/<node id>.json`: the steps' wall and GPU times, each
