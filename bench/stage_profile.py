@@ -8,9 +8,9 @@ per batch size for each variant: `graph` (the worker's CUDA graphs of eager ops,
 `--no-compile`), `compiled` (the worker's default: the step compiled by TorchInductor, then
 captured), `gathered` (compiled, with decode attention over keys gathered from the cache instead
 of `worker/decode_attention.py`'s in-place kernel), `unfused` (compiled, with that kernel but
-the rotary embedding and the cache writes in torch ops before it) and `inline` (compiled, with SwiGLU's
-activation inlined by Inductor into the down projection instead of `worker/silu_mul.py`'s
-kernel). Prints each variant's step time, the bandwidth it reaches on the weight bytes, and the
+the rotary embedding and the cache writes in torch ops before it) and `inline` (compiled, with
+SwiGLU's activation inlined by Inductor into the down projection instead of
+`worker/silu_mul.py`'s kernel). Prints each variant's step time, the bandwidth it reaches on the weight bytes, and the
 top kernels of an eager step (of the compiled graph's replay too with `--kernels`); writes JSON
 with `--output`. `--matmuls` times each weight's matrix product alone (`F.linear`, as the graphs
 call it) against the measured copy bandwidth: what the products can reach at best.
