@@ -44,6 +44,9 @@ SPLITS = 8  # parts of the context, each a program per (row, kv head)
 # registers there (255 and a 528-592 byte stack a thread for Llama 3 8B's heads on sm_90),
 # and not at 8 (docs/gpu.md, session 10); MESHPIPE_ATTENTION_WARPS=8 is for measuring that.
 WARPS = int(os.environ.get("MESHPIPE_ATTENTION_WARPS", "4"))
+# passed to the launches only when it differs: the launches measured so far left it to Triton
+# (a launch option under torch.compile turns the kernel into a one-config autotuner)
+LAUNCH = {} if WARPS == 4 else {"num_warps": WARPS}
 
 
 def _mode() -> str:
@@ -319,7 +322,7 @@ if triton is not None:
             k_cache.stride(2),
             _split_size(context),
             **constants,
-            num_warps=WARPS,
+            **LAUNCH,
         )
         return _combined(partial, lse, q.new_empty(q.shape))
 
@@ -355,7 +358,7 @@ if triton is not None:
             _split_size(context),
             KV_HEADS=kv_heads,
             **constants,
-            num_warps=WARPS,
+            **LAUNCH,
         )
         return _combined(partial, lse, qkv.new_empty((rows, heads, head_dim)))
 
