@@ -17,11 +17,12 @@ from meshpipe.models.config import ModelConfig
 from meshpipe.models.synth import synth
 from meshpipe.wire import Frame, Kind, error_frame
 from tests.cluster import Cluster, save_random_llama, start_auto
+from tests.decode_reference import rotary_at, rotate_and_write
 from tests.test_parity import PROMPTS, pipeline_answer, reference
 from tests.worker.test_frames import chained, dial
 from worker import decode_attention, silu_mul
 from worker.cuda_graphs import DecodeGraphs
-from worker.model import Span, Stage, StagePlan, apply_rotary
+from worker.model import Span, Stage, StagePlan
 from worker.step_profile import ENVIRONMENT, profile_dir
 
 pytestmark = [
@@ -308,15 +309,10 @@ def test_fused_decode_step_equals_rotary_cache_write_and_attention(
     positions = torch.tensor([0, 1, 62, 63, 64, 95, 96, 499, 766, 767], device="cuda")
     width = (heads + 2 * kv_heads) * head_dim
     qkv = torch.randn((len(rows), width), device="cuda", dtype=dtype, generator=generator)
-    inv_freq = 1.0 / 500000 ** (torch.arange(0, head_dim, 2, device="cuda") / head_dim)
-    angles = positions.float()[:, None] * inv_freq[None, :]
-    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    cos, sin = rotary_at(positions, head_dim)
 
     theirs_k, theirs_v = k_cache.clone(), v_cache.clone()
-    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
-    q = apply_rotary(q.reshape(-1, heads, head_dim), cos, sin)
-    k = apply_rotary(k.reshape(-1, kv_heads, head_dim), cos, sin)
-    theirs_k[rows, :, positions], theirs_v[rows, :, positions] = k, v.reshape(k.shape)
+    q = rotate_and_write(qkv, cos, sin, theirs_k, theirs_v, rows, positions, heads)
     where = (rows, positions + 1, context)
     theirs = decode_attention.decode_attention(q, theirs_k, theirs_v, *where).float()
 

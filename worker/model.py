@@ -234,6 +234,13 @@ def _llama3_scaling(inv_freq: Tensor, scaling: dict) -> Tensor:
     return torch.where(middle, smoothed, scaled)
 
 
+def rotary_tables(positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
+    """cos and sin `[T, hd]` of the rotary angles at `positions` `[T]` (half-split layout)."""
+    angles = positions.float().unsqueeze(1) * inv_freq.unsqueeze(0)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate `x` `[T, heads, hd]` by the angles of each token (half-split layout, as in HF)."""
     half = x.shape[-1] // 2
@@ -361,9 +368,7 @@ class Stage(nn.Module):
 
     def rotary(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """cos and sin `[T, hd]` of each token's position."""
-        angles = positions.float().unsqueeze(1) * self.inv_freq.unsqueeze(0)
-        angles = torch.cat((angles, angles), dim=-1)
-        return angles.cos(), angles.sin()
+        return rotary_tables(positions, self.inv_freq)
 
     def decode_inputs(self, slots: Tensor, positions: Tensor, length: int) -> StepInputs:
         """Inputs of a step where every sequence adds one token; tensor ops only (no host

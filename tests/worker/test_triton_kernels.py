@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -78,8 +79,8 @@ print(f"compiled: {count} kernels")
 
 INTERPRETED = """
 import torch
+from tests.decode_reference import rotary_at, rotate_and_write
 from worker import decode_attention
-from worker.model import apply_rotary
 
 generator = torch.Generator().manual_seed(0)
 heads, kv_heads, head_dim, context = 6, 2, 32, 256
@@ -88,18 +89,13 @@ v_cache = torch.randn(k_cache.shape, generator=generator)
 rows = torch.tensor([4, 0, 3, 1, 2])
 positions = torch.tensor([0, 1, 63, 64, 255])  # block and split boundaries, the bound
 qkv = torch.randn((5, (heads + 2 * kv_heads) * head_dim), generator=generator)
-inv_freq = 1.0 / 500000 ** (torch.arange(0, head_dim, 2) / head_dim)
-angles = positions.float()[:, None] * inv_freq[None, :]
-cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+cos, sin = rotary_at(positions, head_dim)
 
 ours_k, ours_v = k_cache.clone(), v_cache.clone()
 ours = decode_attention.decode_step_attention(
     qkv, cos, sin, ours_k, ours_v, rows, positions, context, heads
 )
-q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
-q = apply_rotary(q.reshape(-1, heads, head_dim), cos, sin)
-k_cache[rows, :, positions] = apply_rotary(k.reshape(-1, kv_heads, head_dim), cos, sin)
-v_cache[rows, :, positions] = v.reshape(-1, kv_heads, head_dim)
+q = rotate_and_write(qkv, cos, sin, k_cache, v_cache, rows, positions, heads)
 in_place = decode_attention.decode_attention(q, k_cache, v_cache, rows, positions + 1, context)
 keys = k_cache[:, :, :context].index_select(0, rows)
 values = v_cache[:, :, :context].index_select(0, rows)
@@ -122,6 +118,7 @@ def run_with_triton(script: str, **environment: str) -> str:
     environment = os.environ | {"MESHPIPE_TRITON": "1"} | environment
     done = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(script)],
+        cwd=Path(__file__).parents[2],  # the repository: `tests` and `worker` import from it
         env=environment,
         capture_output=True,
         text=True,
