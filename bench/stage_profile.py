@@ -47,6 +47,7 @@ from worker.batch import Batch
 from worker.cuda_graphs import DecodeGraphs
 from worker.model import Span, Stage, StagePlan
 from worker.node import WorkerNode, WorkerSettings
+from worker.step_profile import device_kernels
 
 
 def build(preset: str, layers: int, head: bool, slots: int, max_seq_len: int) -> Stage:
@@ -125,12 +126,10 @@ def top_kernels(step: Callable[[], Any], count: int = 40) -> tuple[list[dict[str
         for _ in range(5):
             step()
         torch.cuda.synchronize()
-    events = [e for e in profile.key_averages() if e.device_time_total > 0]
-    events.sort(key=lambda e: e.device_time_total, reverse=True)
-    total = sum(e.device_time_total for e in events) / 1000 / 5
+    kernels, total = device_kernels(profile, 5)
     top = [
-        {"kernel": e.key[:90], "ms_per_step": e.device_time_total / 1000 / 5, "calls": e.count // 5}
-        for e in events[:count]
+        {"kernel": name, "ms_per_step": ms, "calls": calls // 5}
+        for name, ms, calls in kernels[:count]
     ]
     return top, total
 

@@ -109,9 +109,7 @@ class StepProfile:
 
     def summary(self, profile: torch.profiler.profile) -> dict[str, Any]:
         steps = len(self.step_ms)
-        events = [e for e in profile.key_averages() if e.device_time_total > 0]
-        events.sort(key=lambda e: e.device_time_total, reverse=True)
-        kernel_ms = sum(e.device_time_total for e in events) / 1000 / steps
+        events, kernel_ms = device_kernels(profile, steps)
         device_ms = statistics.mean(self.device_ms)
         return {
             "first": self.first,
@@ -125,11 +123,18 @@ class StepProfile:
             "kernel_ms": kernel_ms,
             "between_kernels_ms": device_ms - kernel_ms,
             "kernels": [
-                {
-                    "kernel": e.key[:90],
-                    "ms_per_step": e.device_time_total / 1000 / steps,
-                    "calls_per_step": e.count / steps,
-                }
-                for e in events[:TOP_KERNELS]
+                {"kernel": name, "ms_per_step": ms, "calls_per_step": calls / steps}
+                for name, ms, calls in events[:TOP_KERNELS]
             ],
         }
+
+
+def device_kernels(
+    profile: torch.profiler.profile, steps: int
+) -> tuple[list[tuple[str, float, int]], float]:
+    """A profile's kernels on the device, costliest first: (name, ms a step, calls over the
+    `steps` profiled), and the ms a step that all of them take."""
+    events = [e for e in profile.key_averages() if e.device_time_total > 0]
+    events.sort(key=lambda e: e.device_time_total, reverse=True)
+    total = sum(e.device_time_total for e in events) / 1000 / steps
+    return [(e.key[:90], e.device_time_total / 1000 / steps, e.count) for e in events], total
