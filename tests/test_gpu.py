@@ -114,10 +114,19 @@ def test_workers_profile_their_kernels_in_the_pipeline(
         assert pipeline_answer(cluster, prompt, 24) == reference(gpu_tiny, prompt, 24)
         profiles = gpu.step_profiles(2)
         assert len(profiles) == 2
+        attention_calls = 0.0
         for summary in profiles.values():
             assert summary["steps"] == 8 and summary["kernel_ms"] > 0
             assert summary["device_ms"]["p50"] > 0  # the window's steps were replayed
-            assert any(k["kernel"].startswith("_attend_new_split") for k in summary["kernels"])
+            calls = [
+                k["calls_per_step"]
+                for k in summary["kernels"]
+                if k["kernel"].startswith("_attend_new_split")
+            ]
+            assert calls
+            attention_calls += calls[0]
+        # one attention a layer a step: no cancelled armed step ran inside a window
+        assert attention_calls == ModelConfig.from_dir(gpu_tiny).num_layers
     finally:
         cluster.process.stop()
 

@@ -530,7 +530,7 @@ class WorkerNode(DeviceSteps):
         if self.step_profile is None:
             return
         if self.step_profile.turns_after():
-            self._cancel_armed()  # the profiler synchronises the device when it stops
+            self._cancel_armed()  # none is armed (_arm); the profiler synchronises the device
         self.step_profile.after_step(self.step_seconds, device_seconds)
 
     def _parse(self, frame: Frame) -> Batch | None:

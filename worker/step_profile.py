@@ -8,9 +8,10 @@ summary to `<data dir>/step-profiles/<node id>.json`: the steps' wall and GPU ti
 kernel's time a step, and what is left between the kernels.
 
 The profiler synchronises the device when it stops, which would wait for ever on an armed step
-(worker/stream_wait.py): the worker cancels its armed step before the profile starts and
-before it stops. The summary is built on a thread of its own, so the event loop keeps the
-worker's heartbeats meanwhile.
+(worker/stream_wait.py): the worker arms no step behind the one after which the profile starts
+or stops (and cancels one if it had: a cancelled step runs on the scratch slot, and its kernels
+would be counted in the window's). The summary is built on a thread of its own, so the event
+loop keeps the worker's heartbeats meanwhile.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from worker.sampling import apply_penalties, sample, token_logprobs
 
 if TYPE_CHECKING:
     from worker.node import WorkerSettings
+    from worker.step_profile import StepProfile
 
 
 class DeviceSteps:
@@ -31,6 +32,7 @@ class DeviceSteps:
     graphs: DecodeGraphs | None
     batches: asyncio.Queue
     on_thread: int  # steps or loads running on the compute thread
+    step_profile: StepProfile | None
     # CUDA decode steps replayed on the event loop, and their GPU time (the inputs' copy, the
     # graph and the result's copy): the step's wall time less this is host time
     replays = 0
@@ -53,6 +55,10 @@ class DeviceSteps:
         if not self.batches.empty():
             return
         if self.graphs.flag is None or not self._replays_here(batch):
+            return
+        if self.step_profile is not None and self.step_profile.turns_after():
+            # the profile starts or stops after the step that runs now: an armed step would
+            # have to be cancelled then, and its scratch run would be in the profile's kernels
             return
         greedy = self.graphs.stage.plan.is_last  # a single stage: its own greedy tokens
         self.armed = (batch.batch_id, self.graphs.arm(batch.spans, greedy))
