@@ -42,7 +42,8 @@ BLOCK_N = 64  # keys per loop iteration
 SPLITS = 8  # parts of the context, each a program per (row, kv head)
 # Warps a program of the attention kernels: Triton's default, as measured so far. ptxas spills
 # registers there (255 and a 528-592 byte stack a thread for Llama 3 8B's heads on sm_90),
-# and not at 8 (docs/gpu.md, session 10); MESHPIPE_ATTENTION_WARPS=8 is for measuring that.
+# and not at 8 (docs/gpu.md, session 10), yet 8 was no faster in the pipeline on the H200 (4,694
+# against 4,926 tok/s at 64 streams, session 11). MESHPIPE_ATTENTION_WARPS=8 is for A/B runs.
 WARPS = int(os.environ.get("MESHPIPE_ATTENTION_WARPS", "4"))
 # passed to the launches only when it differs: the launches measured so far left it to Triton
 # (a launch option under torch.compile turns the kernel into a one-config autotuner)
