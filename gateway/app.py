@@ -18,7 +18,14 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from gateway import events as console
-from gateway.errors import APIError, InvalidRequest, MethodNotAllowed, ModelNotFound, NotFound
+from gateway.errors import (
+    APIError,
+    BodyTooLarge,
+    InvalidRequest,
+    MethodNotAllowed,
+    ModelNotFound,
+    NotFound,
+)
 from gateway.ledger import Ledger
 from gateway.mesh import Mesh
 from gateway.metrics import Metrics
@@ -79,10 +86,24 @@ def _validation_error(error: ValidationError) -> InvalidRequest:
     return InvalidRequest(f"{param}: {first['msg']}" if param else first["msg"], param)
 
 
+async def _bounded_body(request: Request) -> bytes:
+    """The request's body, read no further than MAX_BODY_BYTES: a declared length over it is
+    refused before reading, and a body without one is cut off once it passes the limit."""
+    too_large = BodyTooLarge(f"request body larger than {MAX_BODY_BYTES} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _parse(request: Request, kind: type[Parsed]) -> Parsed:
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise InvalidRequest(f"request body larger than {MAX_BODY_BYTES} bytes")
+    body = await _bounded_body(request)
     try:
         payload = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -188,17 +209,18 @@ async def api_error(request: Request, error: Exception) -> Response:
 
 async def http_error(request: Request, error: Exception) -> Response:
     assert isinstance(error, HTTPException)
-    # The console's static mount at "/" answers 404 for any path; a known API path asked with
-    # the wrong method deserves 405.
+    # The console's static mount at "/" answers any other path: 404, or 405 for a method other
+    # than GET (so POST /v1/embeddings would have read "method not allowed"). Only a known API
+    # path asked with the wrong method deserves 405.
     known_path = any(
         isinstance(route, Route) and route.path_regex.match(request.url.path)
         for route in request.app.routes
     )
-    if error.status_code == 405 or (error.status_code == 404 and known_path):
+    if error.status_code in (404, 405) and known_path:
         api: APIError = MethodNotAllowed(
             f"method {request.method} not allowed on {request.url.path}"
         )
-    elif error.status_code == 404:
+    elif error.status_code in (404, 405):
         api = NotFound(f"no route {request.method} {request.url.path}")
     else:
         api = InvalidRequest(str(error.detail))

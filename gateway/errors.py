@@ -35,6 +35,11 @@ class InvalidRequest(APIError):
     type = "invalid_request_error"
 
 
+class BodyTooLarge(InvalidRequest):
+    status = 413
+    code = "request_too_large"
+
+
 class ContextTooLong(InvalidRequest):
     code = "context_length_exceeded"
 

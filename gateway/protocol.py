@@ -23,6 +23,21 @@ class Message(BaseModel):
     content: str | list[TextPart] | None = None
     name: str | None = None
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, value: Any) -> Any:
+        # said plainly: the union's own error for an image part is "Input should be a valid string"
+        if isinstance(value, list):
+            for part in value:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind is not None and kind != "text":
+                    raise PydanticCustomError(
+                        "unsupported_content",
+                        "content parts of type '{kind}' are not supported: the model reads text",
+                        {"kind": kind},
+                    )
+        return value
+
     def text(self) -> str:
         if self.content is None:
             return ""

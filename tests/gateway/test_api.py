@@ -163,6 +163,18 @@ BAD_REQUESTS = [
     ),
     ("message not an object", {"model": "M", "messages": ["hi"]}, None, 400, "messages.0"),
     (
+        "image content part",
+        {
+            "model": "M",
+            "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
+            ],
+        },
+        None,
+        400,
+        "messages.0.content",
+    ),
+    (
         "max_tokens 0",
         {"model": "M", "messages": QUESTION, "max_tokens": 0},
         None,
@@ -261,6 +273,8 @@ def test_bad_request(cluster: Cluster, name, body, raw, status, param) -> None:
         assert error["code"] == "model_not_found"
     if name.startswith(("context", "prompt")):
         assert error["code"] == "context_length_exceeded"
+    if name == "image content part":
+        assert "'image_url' are not supported" in error["message"], error
     good = post(cluster, {"model": cluster.model, "messages": QUESTION, "max_tokens": 2})
     assert good.status_code == 200, good.text
 
@@ -276,8 +290,37 @@ def test_openai_client_sees_error_objects(client: OpenAI) -> None:
 def test_unknown_route_and_method(cluster: Cluster) -> None:
     missing = httpx.get(f"{cluster.url}/v1/nothing", timeout=10)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    # a POST the console's static files would have refused with 405
+    unserved = httpx.post(f"{cluster.url}/v1/embeddings", json={"input": "x"}, timeout=10)
+    assert unserved.status_code == 404 and unserved.json()["error"]["code"] == "not_found"
     wrong = httpx.get(f"{cluster.url}/v1/chat/completions", timeout=10)
     assert wrong.status_code == 405 and wrong.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_body_over_the_limit_is_refused(cluster: Cluster) -> None:
+    """413 for a body over MAX_BODY_BYTES, declared (refused before it is read) or chunked
+    without a length (cut off at the limit); the gateway then serves the next request."""
+    from gateway.app import MAX_BODY_BYTES
+
+    text = b"a" * (MAX_BODY_BYTES + 1)
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "' + text + b'"}]}'
+    declared = post(cluster, None, body)
+
+    def chunks():
+        for start in range(0, len(body), 1 << 20):
+            yield body[start : start + (1 << 20)]
+
+    chunked = httpx.post(
+        f"{cluster.url}/v1/chat/completions",
+        content=chunks(),
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
+    for response in (declared, chunked):
+        assert response.status_code == 413, response.text
+        assert response.json()["error"]["code"] == "request_too_large"
+    good = post(cluster, {"model": cluster.model, "messages": QUESTION, "max_tokens": 2})
+    assert good.status_code == 200, good.text
 
 
 def test_status_and_health(cluster: Cluster) -> None:
