@@ -103,8 +103,8 @@ def test_workers_profile_their_kernels_in_the_pipeline(
     gpu_tiny: Path, home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """MESHPIPE_PROFILE_STEPS on CUDA workers: each writes its window's kernels (the fused
-    decode step's among them) and GPU time, its armed step cancelled around the profile (the
-    profiler synchronises the device), and the greedy tokens are still transformers'."""
+    decode step's among them) and GPU time, no step armed across the profile's start or stop
+    (the profiler synchronises the device), and the greedy tokens are still transformers'."""
     for old in profile_dir().glob("*.json"):
         old.unlink()
     monkeypatch.setenv(ENVIRONMENT, "6,8")
