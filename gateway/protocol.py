@@ -38,6 +38,15 @@ class Message(BaseModel):
                     )
         return value
 
+    @model_validator(mode="after")
+    def _content_unless_assistant(self) -> Message:
+        # as OpenAI's API: only an assistant's turn (one that called tools) may omit its content
+        if self.content is None and self.role != "assistant":
+            raise PydanticCustomError(
+                "missing_content", "a {role} message needs content", {"role": self.role}
+            )
+        return self
+
     def text(self) -> str:
         if self.content is None:
             return ""

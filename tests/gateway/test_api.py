@@ -163,6 +163,13 @@ BAD_REQUESTS = [
     ),
     ("message not an object", {"model": "M", "messages": ["hi"]}, None, 400, "messages.0"),
     (
+        "user content null",
+        {"model": "M", "messages": [{"role": "user", "content": None}]},
+        None,
+        400,
+        "messages.0",
+    ),
+    (
         "image content part",
         {
             "model": "M",
@@ -537,6 +544,10 @@ def test_neutral_values_of_unimplemented_fields_are_accepted(
         user="someone",
     )
     assert answer.choices[0].finish_reason == "length"
+    # an assistant turn without content (as one that called tools is sent back) is a turn
+    history = [*QUESTION, {"role": "assistant", "content": None}, *QUESTION]
+    again = client.chat.completions.create(model=cluster.model, messages=history, max_tokens=2)
+    assert again.choices[0].finish_reason == "length"
 
 
 # -- several choices (n) -----------------------------------------------------------------------
