@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from gateway.service import ChatService, Completion
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 MAX_BODY_BYTES = 8 << 20
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 Parsed = TypeVar("Parsed", bound=SamplingRequest)
 
 
@@ -102,12 +104,26 @@ async def _bounded_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
-async def _parse(request: Request, kind: type[Parsed]) -> Parsed:
-    body = await _bounded_body(request)
+def _json_body(body: bytes) -> Any:
+    """The body as JSON that the rest of the gateway can take: parsed, not nested past
+    Python's recursion limit, and without an unpaired UTF-16 surrogate (JSON may escape one,
+    `"\\ud800"`, but no UTF-8 text holds it, so the tokenizer could not read it)."""
     try:
         payload = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise InvalidRequest(f"request body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise InvalidRequest("request body is nested too deeply") from None
+    if SURROGATE_ESCAPE.search(body):  # only then can a string hold one
+        try:
+            json.dumps(payload, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise InvalidRequest("request body holds an unpaired UTF-16 surrogate") from None
+    return payload
+
+
+async def _parse(request: Request, kind: type[Parsed]) -> Parsed:
+    payload = _json_body(await _bounded_body(request))
     if not isinstance(payload, dict):
         raise InvalidRequest("request body must be a JSON object")
     try:
@@ -207,6 +223,13 @@ async def api_error(request: Request, error: Exception) -> Response:
     return JSONResponse(error.body(), status_code=error.status)
 
 
+async def unexpected_error(request: Request, error: Exception) -> Response:
+    """A bug's answer is an error object too, not a bare "Internal Server Error" (Starlette
+    raises the error on after this answer, so the server logs its traceback)."""
+    api = APIError(f"internal error: {type(error).__name__}")
+    return JSONResponse(api.body(), status_code=api.status)
+
+
 async def http_error(request: Request, error: Exception) -> Response:
     assert isinstance(error, HTTPException)
     # The console's static mount at "/" answers any other path: 404, or 405 for a method other
@@ -228,6 +251,13 @@ async def http_error(request: Request, error: Exception) -> Response:
     return JSONResponse(api.body(), status_code=api.status)
 
 
+EXCEPTION_HANDLERS = {
+    APIError: api_error,
+    HTTPException: http_error,
+    Exception: unexpected_error,
+}
+
+
 def build_app(state: GatewayState) -> Starlette:
     """The gateway's Starlette application."""
     routes = [
@@ -246,7 +276,7 @@ def build_app(state: GatewayState) -> Starlette:
         routes.append(Mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web"))
     app = Starlette(
         routes=routes,
-        exception_handlers={APIError: api_error, HTTPException: http_error},
+        exception_handlers=EXCEPTION_HANDLERS,
     )
     app.state.gateway = state
     return app

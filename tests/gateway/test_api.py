@@ -151,6 +151,14 @@ def post(cluster: Cluster, body: object, raw: bytes | None = None) -> httpx.Resp
 
 BAD_REQUESTS = [
     ("malformed json", None, b'{"model": ', 400, None),
+    ("nested too deeply", None, b"[" * 100_000 + b"]" * 100_000, 400, None),
+    (
+        "unpaired surrogate",
+        None,
+        b'{"model": "m", "messages": [{"role": "user", "content": "a\\ud800b"}]}',
+        400,
+        None,
+    ),
     ("not an object", [1, 2], None, 400, None),
     ("no messages", {"model": "M"}, None, 400, "messages"),
     ("empty messages", {"model": "M", "messages": []}, None, 400, "messages"),
@@ -302,6 +310,29 @@ def test_unknown_route_and_method(cluster: Cluster) -> None:
     assert unserved.status_code == 404 and unserved.json()["error"]["code"] == "not_found"
     wrong = httpx.get(f"{cluster.url}/v1/chat/completions", timeout=10)
     assert wrong.status_code == 405 and wrong.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_an_unexpected_error_is_an_error_object() -> None:
+    """A route that fails for a reason no check foresaw answers 500 with an OpenAI error
+    object, through the gateway's own exception handlers."""
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from gateway.app import EXCEPTION_HANDLERS
+
+    async def failing(request: object) -> None:
+        raise RuntimeError("unforeseen")
+
+    app = Starlette(routes=[Route("/x", failing)], exception_handlers=EXCEPTION_HANDLERS)
+    response = TestClient(app, raise_server_exceptions=False).get("/x")
+    assert response.status_code == 500
+    assert response.json()["error"] == {
+        "message": "internal error: RuntimeError",
+        "type": "server_error",
+        "param": None,
+        "code": None,
+    }
 
 
 def test_body_over_the_limit_is_refused(cluster: Cluster) -> None:
