@@ -14,11 +14,15 @@ MAX_COMPLETION_LOGPROBS = 5  # the text completion's logprobs, as OpenAI's
 
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     type: Literal["text"]
     text: str
 
 
 class Message(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -69,6 +73,8 @@ UNHONOURED = {
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     include_usage: bool = False
 
 
@@ -76,7 +82,8 @@ class SamplingRequest(BaseModel):
     """What both completion endpoints share. Other OpenAI fields are accepted and ignored
     (`user`, `metadata`, ...), except those that would change the answer (`UNHONOURED`)."""
 
-    model_config = ConfigDict(extra="allow")
+    # strict: as OpenAI's API, "3" is not a max_tokens nor "yes" a stream (lax pydantic took both)
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str
     stream: bool = False

@@ -218,6 +218,14 @@ BAD_REQUESTS = [
         "temperature",
     ),
     ("top_p 0", {"model": "M", "messages": QUESTION, "top_p": 0}, None, 400, "top_p"),
+    (
+        "max_tokens a string",
+        {"model": "M", "messages": QUESTION, "max_tokens": "3"},
+        None,
+        400,
+        "max_tokens",
+    ),
+    ("stream a string", {"model": "M", "messages": QUESTION, "stream": "yes"}, None, 400, "stream"),
     ("top_p > 1", {"model": "M", "messages": QUESTION, "top_p": 1.5}, None, 400, "top_p"),
     ("unknown model", {"model": "gpt-9", "messages": QUESTION}, None, 404, "model"),
     (
