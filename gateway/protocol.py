@@ -13,16 +13,19 @@ MAX_TOP_LOGPROBS = 20  # chat's top_logprobs, as OpenAI's
 MAX_COMPLETION_LOGPROBS = 5  # the text completion's logprobs, as OpenAI's
 
 
-class TextPart(BaseModel):
+class Strict(BaseModel):
+    """Fields take their own JSON types, as OpenAI's API: "3" is no max_tokens and "yes" no
+    stream (pydantic's lax mode took both)."""
+
     model_config = ConfigDict(strict=True)
 
+
+class TextPart(Strict):
     type: Literal["text"]
     text: str
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(strict=True)
-
+class Message(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -72,18 +75,15 @@ UNHONOURED = {
 }
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(strict=True)
-
+class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class SamplingRequest(BaseModel):
+class SamplingRequest(Strict):
     """What both completion endpoints share. Other OpenAI fields are accepted and ignored
     (`user`, `metadata`, ...), except those that would change the answer (`UNHONOURED`)."""
 
-    # strict: as OpenAI's API, "3" is not a max_tokens nor "yes" a stream (lax pydantic took both)
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(extra="allow")  # and strict, as every Strict model
 
     model: str
     stream: bool = False
