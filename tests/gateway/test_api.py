@@ -586,7 +586,8 @@ def test_neutral_values_of_unimplemented_fields_are_accepted(
     # an assistant turn without content (as one that called tools is sent back) is a turn
     history = [*QUESTION, {"role": "assistant", "content": None}, *QUESTION]
     again = client.chat.completions.create(model=cluster.model, messages=history, max_tokens=2)
-    assert again.choices[0].finish_reason == "length"
+    assert again.choices[0].finish_reason in ("length", "stop")  # sampled: it may end at once
+    assert again.usage.prompt_tokens > answer.usage.prompt_tokens  # both turns were read
 
 
 # -- several choices (n) -----------------------------------------------------------------------
