@@ -189,6 +189,11 @@ def measured(url: str, model: str, prompts: list[Prompt], concurrency: int, toke
         key: value - loop_before[key] for key, value in loop_figures(stages_after).items()
     }
     figures["stage_host_ms"] = host_ms(stages_before, stages_after)
+    if len(stages_before) == len(stages_after):  # each stage's steps armed, and cancelled
+        figures["armed_by_stage"] = {
+            str(stage): [new[name] - old[name] for name in ("armed_steps", "armed_cancelled")]
+            for stage, (old, new) in enumerate(zip(stages_before, stages_after, strict=True))
+        }
     figures["stage_step_ms"] = {
         stage: round(1000 * (seconds - before.get(stage, (0, 0))[0]) / batches, 3)
         for stage, (seconds, count) in after.items()

@@ -6,6 +6,7 @@ Skipped without a CUDA device (CI has none); run on a GPU machine with `pytest -
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import time
 from pathlib import Path
 
@@ -95,6 +96,23 @@ def test_greedy_parity_fp32_on_cuda(gpu_tiny: Path, home: Path) -> None:
         first = next(stage for stage in stages if stage["layers"][0] == 0)
         assert 0 < first["armed_steps"] <= first["fed_steps"]
         assert first["armed_cancelled"] == 2
+        # the second armed each step of a steady stream ahead of its batch, and cancelled
+        # the one after each stream's end
+        second = next(stage for stage in stages if stage["layers"][0] != 0)
+        assert second["armed_steps"] >= len(PROMPTS) * 10
+        assert second["armed_cancelled"] >= len(PROMPTS)
+        # streams that join and leave one another: the step the second stage armed is not the
+        # batch that comes, and is cancelled; every answer is still transformers'
+        with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
+            answers = []
+            for prompt in PROMPTS:
+                answers.append(pool.submit(pipeline_answer, cluster, prompt, 48))
+                time.sleep(0.05)
+            for prompt, answer in zip(PROMPTS, answers, strict=True):
+                assert answer.result() == reference(gpu_tiny, prompt, 48)
+        time.sleep(0.6)
+        later = next(stage for stage in cluster.status()["stages"] if stage["layers"][0] != 0)
+        assert later["armed_cancelled"] > second["armed_cancelled"]
     finally:
         cluster.process.stop()
 

@@ -261,8 +261,14 @@ class WorkerNode(DeviceSteps):
                 raise FrameError("not_ready", "this worker has no assignment yet")
             if self.stage.plan.is_first and "after" in frame.meta:
                 self._await_feed(connection, frame)
-            else:
-                self.batches.put_nowait((connection, frame, None, time.perf_counter()))
+                return
+            batch = None
+            if self.predicted is not None:  # a step is armed ahead of this batch
+                with contextlib.suppress(FrameError):  # the compute loop reports it
+                    batch = self._parse(frame)
+                if not self._start_predicted(batch):
+                    batch = None  # parsed again there
+            self.batches.put_nowait((connection, frame, batch, time.perf_counter()))
         elif frame.kind == Kind.FEED:
             self._on_feed(frame)
         elif frame.kind == Kind.ASSIGN and connection is self.gateway:
@@ -271,6 +277,8 @@ class WorkerNode(DeviceSteps):
             for slot, request_id in frame.meta.get("slots", []):
                 if self.active_slots.get(slot) == request_id:
                     del self.active_slots[slot]
+                if self.predicted is not None and any(s.slot == slot for s in self.predicted):
+                    self._cancel_armed()  # its sequence has ended: no batch will start it
         elif frame.kind == Kind.HEARTBEAT and connection is self.next_stage:
             self.next_latency.on_frame(frame)
         elif frame.kind == Kind.ERROR:
@@ -517,6 +525,7 @@ class WorkerNode(DeviceSteps):
                 await self._send_on(batch, result, logprobs)
                 self.send_seconds += time.perf_counter() - finished
                 self._profile_step(self.replay_device_seconds - device)
+                self._arm_successor(batch)
             except FrameError as error:
                 self._report(source, error_frame(error.code, str(error), frame.message_id))
             except asyncio.CancelledError:

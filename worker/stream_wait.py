@@ -59,6 +59,12 @@ class StreamFlag:
         self._view[0] = self.value
 
 
+def later_stages_arm() -> bool:
+    """Whether stages after the first arm the step they expect next (`MESHPIPE_ARMED_STEPS`:
+    `on`, the default; `first` arms only the first stage's fed steps; `off` none)."""
+    return os.environ.get("MESHPIPE_ARMED_STEPS", "on") == "on"
+
+
 def stream_flag(device: torch.device) -> StreamFlag | None:
     """A working StreamFlag for `device`'s streams, or None (with the reason logged): not
     CUDA, not x86-64 (ARM hosts need a store fence before the release, which Python has not),
