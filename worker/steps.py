@@ -72,12 +72,13 @@ class DeviceSteps:
         """A later stage, after a decode step: arm the step that follows it in a steady
         single stream (the same sequences, each a position on), before its batch has come.
         Its hidden states then only have to be copied in and the flag stored
-        (`_start_predicted`), instead of a launch of about 0.3 ms on the path from one stage
-        to the next. Armed only while the stage's batches have followed each other so: a
-        wrong guess is cancelled, and a cancelled step runs on the scratch slot, a step's GPU
-        time spent for nothing."""
+        (`_start_predicted`), instead of a launch on the path from one stage to the next.
+        Armed only for a lone sequence whose steps have followed each other so: a wrong guess
+        is cancelled, and a cancelled step runs on the scratch slot, a step's GPU time spent
+        for nothing, which a batch of many sequences (joining and leaving) would pay often
+        and a single stream only when another joins it."""
         assert self.stage is not None
-        decode = all(span.length == 1 for span in batch.spans)
+        decode = len(batch.spans) == 1 and batch.spans[0].length == 1
         previous, self.last_decode = self.last_decode, batch.spans if decode else None
         if previous is None or not decode or batch.spans != _successor(previous):
             return
