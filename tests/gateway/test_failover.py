@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import signal
@@ -240,19 +241,34 @@ def test_worker_joining_mid_load_gets_work(default_model: Path) -> None:
         wait_until(lambda: mesh.status()["pipeline"]["ready"], 120)
         model = mesh.model()
         assert len(mesh.status()["stages"]) == 2
-        # long enough that the third worker starts, loads and takes its layers meanwhile
         tokens = 4 * LENGTH
         expected = undisturbed(mesh.url, model, tokens)
-        import concurrent.futures
+        runs: list[tuple[float, float, str]] = []  # each stream's start, end and text
 
+        def stream() -> None:
+            start = time.monotonic()
+            text = undisturbed(mesh.url, model, tokens)
+            runs.append((start, time.monotonic(), text))
+
+        # three streams at a time, replaced as they end, until the route has the third stage:
+        # however long the new worker takes to load, streams run while the plan changes
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
-            futures = [pool.submit(undisturbed, mesh.url, model, tokens) for _ in range(3)]
+            running = [pool.submit(stream) for _ in range(3)]
             time.sleep(1.0)
             mesh.add_worker("gamma")
-            wait_until(lambda: len(mesh.status()["pipeline"]["stages"]) == 3, 120)
-            assert not all(future.done() for future in futures), "joined after the load ended"
-            results = [future.result(timeout=180) for future in futures]
-        assert results == [expected] * 3
+            deadline = time.monotonic() + 120
+            while len(mesh.status()["pipeline"]["stages"]) < 3:
+                assert time.monotonic() < deadline, "the third worker never took layers"
+                for index, future in enumerate(running):
+                    if future.done():
+                        future.result()
+                        running[index] = pool.submit(stream)
+                time.sleep(0.05)
+            replanned = time.monotonic()
+            for future in running:
+                future.result(timeout=180)
+        assert any(start < replanned < end for start, end, _ in runs), "no stream spanned it"
+        assert [text for *_, text in runs] == [expected] * len(runs)
         wait_until(lambda: mesh.status()["pipeline"]["ready"], 60)
         stages = mesh.status()["stages"]
         assert sorted(s["worker_id"] for s in stages[:2]) == ["alpha", "beta"]
