@@ -264,10 +264,9 @@ class WorkerNode(DeviceSteps):
                 return
             batch = None
             if self.predicted is not None:  # a step is armed ahead of this batch
-                with contextlib.suppress(FrameError):  # the compute loop reports it
+                with contextlib.suppress(FrameError):  # parsed again and reported there
                     batch = self._parse(frame)
-                if not self._start_predicted(batch):
-                    batch = None  # parsed again there
+                self._start_predicted(batch)
             self.batches.put_nowait((connection, frame, batch, time.perf_counter()))
         elif frame.kind == Kind.FEED:
             self._on_feed(frame)

@@ -98,9 +98,10 @@ class DeviceSteps:
         self.armed = (-1, self.graphs.arm(predicted, self.stage.plan.is_last))
         self.predicted = predicted
 
-    def _start_predicted(self, batch: Batch | None) -> bool:
-        """A later stage's batch has come while a step is armed ahead of it: start the armed
-        step on its hidden states if it is the step that was guessed, else cancel it."""
+    def _start_predicted(self, batch: Batch | None) -> None:
+        """A later stage's batch has come while a step is armed ahead of it (None: it did not
+        parse): start the armed step on its hidden states if it is the step that was guessed,
+        else cancel it."""
         predicted, self.predicted = self.predicted, None
         assert self.stage is not None and self.graphs is not None and self.armed is not None
         hit = (
@@ -110,12 +111,11 @@ class DeviceSteps:
         )
         if not hit:
             self._cancel_armed()
-            return False
+            return
         assert batch is not None
         step = self.armed[1]
         self.graphs.release(step, batch.inputs)  # the GPU starts it now
         self.armed = (batch.batch_id, step)
-        return True
 
     def _cancel_armed(self) -> None:
         """Let an armed step go on the scratch slot (its output is dropped)."""
