@@ -10,7 +10,8 @@ captured), `gathered` (compiled, with decode attention over keys gathered from t
 of `worker/decode_attention.py`'s in-place kernel), `unfused` (compiled, with that kernel but
 the rotary embedding and the cache writes in torch ops before it) and `inline` (compiled, with
 SwiGLU's activation inlined by Inductor into the down projection instead of
-`worker/silu_mul.py`'s kernel). Prints each variant's step time, the bandwidth it reaches on the weight bytes, and the
+`worker/silu_mul.py`'s kernel) and `norm-inline` (compiled, with the RMS norms inlined by
+Inductor into the products they feed instead of `worker/rms_norm.py`'s kernel). Prints each variant's step time, the bandwidth it reaches on the weight bytes, and the
 top kernels of an eager step (of the compiled graph's replay too with `--kernels`); writes JSON
 with `--output`. `--matmuls` times each weight's matrix product alone (`F.linear`, as the graphs
 call it) against the measured copy bandwidth: what the products can reach at best.
@@ -45,7 +46,7 @@ from meshpipe.models.synth import PRESETS, preset_config
 from meshpipe.wire import Frame, FrameDecoder, Kind
 from worker.batch import Batch
 from worker.cuda_graphs import DecodeGraphs
-from worker.model import Span, Stage, StagePlan
+from worker.model import RMSNorm, Span, Stage, StagePlan
 from worker.node import WorkerNode, WorkerSettings
 from worker.step_profile import device_kernels
 
@@ -258,6 +259,8 @@ def main(argv: list[str] | None = None) -> None:
             result["matmuls"] = matmul_rates(stage, batches)
     in_place, fused = stage.in_place_attention, stage.fused_decode
     activation = stage.layers[0].mlp.activation_kernel
+    norms = [module for module in stage.modules() if isinstance(module, RMSNorm)]
+    norm_kernel = norms[0].kernel
     for variant in args.variants.split(","):
         # `gathered`: compiled, with decode attention over gathered keys (before the in-place
         # kernel, and where Triton is missing)
@@ -265,6 +268,8 @@ def main(argv: list[str] | None = None) -> None:
         stage.fused_decode = fused and variant not in ("gathered", "unfused")
         for layer in stage.layers:
             layer.mlp.activation_kernel = activation and variant != "inline"
+        for norm in norms:
+            norm.kernel = norm_kernel and variant != "norm-inline"
         torch._dynamo.reset()  # each variant compiled afresh, its compile time its own
         # one DecodeGraphs for every batch, as a worker has: compilations and captures add up
         graphs = DecodeGraphs(stage, compile=variant != "graph")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from tests.cluster import Cluster, save_random_llama, start_auto
 from tests.decode_reference import rotary_at, rotate_and_write
 from tests.test_parity import PROMPTS, pipeline_answer, reference
 from tests.worker.test_frames import chained, dial
-from worker import decode_attention, silu_mul
+from worker import decode_attention, rms_norm, silu_mul
 from worker.cuda_graphs import DecodeGraphs
 from worker.model import Span, Stage, StagePlan
 from worker.step_profile import ENVIRONMENT, profile_dir
@@ -372,6 +373,26 @@ def test_activation_kernel_equals_silu_times_up(dtype, rows) -> None:
         gate, up = gate_up.float().chunk(2, dim=-1)
         theirs = torch.nn.functional.silu(gate) * up
         for ours in (silu_mul.silu_mul(gate_up), torch.compile(silu_mul.silu_mul)(gate_up)):
+            assert ours.dtype == dtype and ours.shape == (rows, width)
+            error = ((ours.float() - theirs).norm() / theirs.norm()).item()
+            assert error < (4e-3 if dtype == torch.bfloat16 else 1e-6), error
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_rms_norm_kernel_equals_the_torch_norm(dtype, rows) -> None:
+    """worker/rms_norm.py's kernel gives RMSNorm's torch expression (fp32 mean square, rounded
+    to the dtype, times the weight): a power-of-two width and one the block masks, one row and
+    many, eager and compiled (as the decode graphs run it)."""
+    assert rms_norm.available(torch.device("cuda"))
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    for width in (4096, 1000):
+        x = torch.randn((rows, width), device="cuda", dtype=dtype, generator=generator) * 5
+        weight = torch.randn(width, device="cuda", dtype=dtype, generator=generator)
+        normed = torch.nn.functional.rms_norm(x.float(), (width,), eps=1e-5)
+        theirs = (weight * normed.to(dtype)).float()
+        kernel = partial(rms_norm.rms_norm, eps=1e-5)
+        for ours in (kernel(x, weight), torch.compile(kernel)(x, weight)):
             assert ours.dtype == dtype and ours.shape == (rows, width)
             error = ((ours.float() - theirs).norm() / theirs.norm()).item()
             assert error < (4e-3 if dtype == torch.bfloat16 else 1e-6), error

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn.attention.varlen import varlen_attn
 
 from meshpipe.models.config import ModelConfig
-from worker import decode_attention, silu_mul
+from worker import decode_attention, rms_norm, silu_mul
 from worker.cpu_kernels import NativeKernels
 
 
@@ -59,10 +59,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
         self.native: NativeKernels | None = None  # CPU float32: in C (torch's takes ~40 us)
+        self.kernel = False  # CUDA: worker/rms_norm.py's kernel, each normed row written once
 
     def forward(self, x: Tensor) -> Tensor:
         if self.native is not None:
             return self.native.rms_norm(x, self.weight, self.eps)
+        if self.kernel:
+            return rms_norm.rms_norm(x, self.weight, self.eps)
         # in float32 whatever the dtype, as Hugging Face's
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)
@@ -358,6 +361,9 @@ class Stage(nn.Module):
         self.fused_decode = decode_attention.fused(device, config.head_dim)
         for layer in self.layers:
             layer.mlp.activation_kernel = silu_mul.available(device)
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.kernel = rms_norm.available(device)
 
     def use_native_kernels(self, native: NativeKernels) -> None:
         """RMS norms and decode steps' attention in meshpipe's C kernels (CPU, float32)."""

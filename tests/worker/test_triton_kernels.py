@@ -25,7 +25,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from worker import decode_attention, silu_mul
+from worker import decode_attention, rms_norm, silu_mul
 
 # Llama 3 8B's heads: 32 query heads over 8 KV heads of 128
 HEADS = {"HEADS": 32, "GROUP": 4, "BLOCK_G": 16, "HEAD_DIM": 128, "SPLIT_COUNT": 8}
@@ -33,8 +33,9 @@ SPLIT = {"SCALE": 128**-0.5, "BLOCK": decode_attention.BLOCK_N, **HEADS}
 STRIDES = ("stride_ks", "stride_kh", "stride_kn", "split_size")
 
 
-def compiled(kernel, pointers, integers, constants, warps=4):
-    signature = pointers | dict.fromkeys(integers, "i64") | dict.fromkeys(constants, "constexpr")
+def compiled(kernel, pointers, integers, constants, warps=4, floats=()):
+    signature = pointers | dict.fromkeys(integers, "i64") | dict.fromkeys(floats, "fp32")
+    signature |= dict.fromkeys(constants, "constexpr")
     source = ASTSource(kernel, signature, constexprs=constants)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 
@@ -71,6 +72,13 @@ for dtype, ieee, warps in (("bf16", False, 4), ("fp32", True, 4), ("bf16", False
             ("width",),
             {"BLOCK": silu_mul.BLOCK},
         ),
+        compiled(
+            rms_norm._rms_norm_kernel,
+            {"x_ptr": f"*{dtype}", "weight_ptr": f"*{dtype}", "out_ptr": f"*{dtype}"},
+            ("width",),
+            {"BLOCK": rms_norm.block_for(4096)},
+            floats=("eps",),
+        ),
     ]
     assert all(kernel.asm["cubin"] for kernel in kernels)  # ptxas's machine code for sm_90
     count += len(kernels)
@@ -80,7 +88,7 @@ print(f"compiled: {count} kernels")
 INTERPRETED = """
 import torch
 from tests.decode_reference import rotary_at, rotate_and_write
-from worker import decode_attention
+from worker import decode_attention, rms_norm
 
 generator = torch.Generator().manual_seed(0)
 heads, kv_heads, head_dim, context = 6, 2, 32, 256
@@ -108,6 +116,13 @@ for name, result in (("fused", ours), ("in-place", in_place)):
     assert error < 1e-5, (name, error)
 torch.testing.assert_close(ours_k, k_cache)
 assert torch.equal(ours_v, v_cache)
+
+# a power of two and a width the block masks; a scale where eps is a tenth of the mean square
+for width, scale in ((4096, 3.0), (1000, 0.01)):
+    x = torch.randn((3, width), generator=generator) * scale
+    weight = torch.randn(width, generator=generator)
+    theirs = weight * torch.nn.functional.rms_norm(x, (width,), eps=1e-5)
+    torch.testing.assert_close(rms_norm.rms_norm(x, weight, 1e-5), theirs)
 print("interpreted: equal")
 """
 
@@ -129,13 +144,14 @@ def run_with_triton(script: str, **environment: str) -> str:
 
 
 def test_every_kernel_compiles_for_sm90() -> None:
-    """The decode attention's three kernels and the activation's, bf16 and fp32 (and bf16 at
-    8 warps a program), compiled to machine code for an H100/H200 (Llama 3 8B's heads)."""
-    assert "compiled: 12 kernels" in run_with_triton(COMPILED)
+    """The decode attention's three kernels, the activation's and the RMS norm's, bf16 and fp32
+    (and bf16 at 8 warps a program), compiled to machine code for an H100/H200 (Llama 3 8B's
+    heads and hidden size)."""
+    assert "compiled: 15 kernels" in run_with_triton(COMPILED)
 
 
 def test_the_decode_kernels_equal_torch_in_the_interpreter() -> None:
     """The fused decode step and the in-place attention, fp32, against apply_rotary, the cache
-    writes and scaled_dot_product_attention (the interpreter is chosen when the kernels are
-    defined, so it has a process of its own too)."""
+    writes and scaled_dot_product_attention, and the RMS norm against torch's (the interpreter
+    is chosen when the kernels are defined, so it has a process of its own too)."""
     assert "interpreted: equal" in run_with_triton(INTERPRETED, TRITON_INTERPRET="1")
