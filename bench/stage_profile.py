@@ -10,8 +10,10 @@ captured), `gathered` (compiled, with decode attention over keys gathered from t
 of `worker/decode_attention.py`'s in-place kernel), `unfused` (compiled, with that kernel but
 the rotary embedding and the cache writes in torch ops before it) and `inline` (compiled, with
 SwiGLU's activation inlined by Inductor into the down projection instead of
-`worker/silu_mul.py`'s kernel) and `norm-inline` (compiled, with the RMS norms inlined by
-Inductor into the products they feed instead of `worker/rms_norm.py`'s kernel). Prints each variant's step time, the bandwidth it reaches on the weight bytes, and the
+`worker/silu_mul.py`'s kernel), `norm-inline` (compiled, with the RMS norms inlined by
+Inductor into the products they feed instead of `worker/rms_norm.py`'s kernel) and
+`rotary-inline` (compiled, with the rotary cos and sin left to Inductor instead of
+`decode_attention.rotary_tables`' kernel). Prints each variant's step time, the bandwidth it reaches on the weight bytes, and the
 top kernels of an eager step (of the compiled graph's replay too with `--kernels`); writes JSON
 with `--output`. `--matmuls` times each weight's matrix product alone (`F.linear`, as the graphs
 call it) against the measured copy bandwidth: what the products can reach at best.
@@ -257,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.matmuls:
         with torch.inference_mode():
             result["matmuls"] = matmul_rates(stage, batches)
-    in_place, fused = stage.in_place_attention, stage.fused_decode
+    in_place, fused, rotary = stage.in_place_attention, stage.fused_decode, stage.rotary_kernel
     activation = stage.layers[0].mlp.activation_kernel
     norms = [module for module in stage.modules() if isinstance(module, RMSNorm)]
     norm_kernel = norms[0].kernel
@@ -266,6 +268,7 @@ def main(argv: list[str] | None = None) -> None:
         # kernel, and where Triton is missing)
         stage.in_place_attention = in_place and variant != "gathered"
         stage.fused_decode = fused and variant not in ("gathered", "unfused")
+        stage.rotary_kernel = rotary and variant != "rotary-inline"
         for layer in stage.layers:
             layer.mlp.activation_kernel = activation and variant != "inline"
         for norm in norms:

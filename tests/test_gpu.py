@@ -24,7 +24,7 @@ from tests.test_parity import PROMPTS, pipeline_answer, reference
 from tests.worker.test_frames import chained, dial
 from worker import decode_attention, rms_norm, silu_mul
 from worker.cuda_graphs import DecodeGraphs
-from worker.model import Span, Stage, StagePlan
+from worker.model import Span, Stage, StagePlan, rotary_tables
 from worker.step_profile import ENVIRONMENT, profile_dir
 
 pytestmark = [
@@ -396,3 +396,16 @@ def test_rms_norm_kernel_equals_the_torch_norm(dtype, rows) -> None:
             assert ours.dtype == dtype and ours.shape == (rows, width)
             error = ((ours.float() - theirs).norm() / theirs.norm()).item()
             assert error < (4e-3 if dtype == torch.bfloat16 else 1e-6), error
+
+
+def test_rotary_tables_kernel_equals_the_torch_tables() -> None:
+    """decode_attention.rotary_tables' kernel gives worker/model.py's cos and sin (what a fused
+    decode step rotates by), at positions up to 128K with Llama 3's frequencies."""
+    inv_freq = 1.0 / 500000.0 ** (torch.arange(0, 128, 2, device="cuda").float() / 128)
+    positions = torch.tensor([0, 1, 255, 1000, 8191, 131071], device="cuda")
+    theirs = rotary_tables(positions, inv_freq)
+    for run in (decode_attention.rotary_tables, torch.compile(decode_attention.rotary_tables)):
+        for ours, table in zip(run(positions, inv_freq), theirs, strict=True):
+            assert ours.dtype == torch.float32 and ours.shape == (6, 128)
+            error = (ours - table).abs().max().item()
+            assert error < 1e-5, error

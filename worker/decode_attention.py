@@ -69,6 +69,12 @@ def fused(device: torch.device, head_dim: int) -> bool:
     return available(device, head_dim) and _mode() == "fused"
 
 
+def rotary_kernel() -> bool:
+    """Whether a fused decode step's cos and sin come from `rotary_tables`' kernel
+    (`MESHPIPE_ROTARY=inline` leaves them to Inductor, for measuring one against the other)."""
+    return os.environ.get("MESHPIPE_ROTARY", "kernel") != "inline"
+
+
 if triton is not None:
 
     @triton.jit
@@ -327,6 +333,23 @@ if triton is not None:
         )
         return _combined(partial, lse, q.new_empty(q.shape))
 
+    @triton.jit
+    def _rotary_kernel(positions_ptr, inv_freq_ptr, cos_ptr, sin_ptr, HALF: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        dims = tl.arange(0, 2 * HALF)
+        position = tl.load(positions_ptr + row).to(tl.float32)
+        angles = position * tl.load(inv_freq_ptr + dims % HALF)  # the half-split layout
+        tl.store(cos_ptr + row * 2 * HALF + dims, tl.cos(angles))
+        tl.store(sin_ptr + row * 2 * HALF + dims, tl.sin(angles))
+
+    @torch.library.triton_op("meshpipe::rotary_tables", mutates_args=())
+    def _rotary(positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
+        rows, half = positions.shape[0], inv_freq.shape[0]
+        cos = inv_freq.new_empty((rows, 2 * half))
+        sin = inv_freq.new_empty((rows, 2 * half))
+        torch.library.wrap_triton(_rotary_kernel)[(rows,)](positions, inv_freq, cos, sin, HALF=half)
+        return cos, sin
+
     @torch.library.triton_op("meshpipe::decode_step_attention", mutates_args={"k_cache", "v_cache"})
     def _attend_new(
         qkv: Tensor,
@@ -403,6 +426,14 @@ def decode_attention(
     (contiguous in their last dimension), row b attending positions [0, lengths[b]) of slot
     slots[b]; `context` bounds the lengths. Returns `[B, H, hd]` in q's dtype."""
     return _attend(q.contiguous(), k_cache, v_cache, slots, lengths, context)
+
+
+def rotary_tables(positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
+    """cos and sin `[T, hd]` (fp32) of the rotary angles at `positions` `[T]`, as
+    worker/model.py's `rotary_tables` computes them, in a kernel of their own. In a compiled
+    decode step Inductor had computed them inside every layer's qkv product (one kernel, so
+    one launch less, but the product's reduction ran 2-3 us slower on the H200)."""
+    return _rotary(positions.contiguous(), inv_freq.contiguous())
 
 
 def decode_step_attention(

@@ -322,6 +322,7 @@ class Stage(nn.Module):
         self.packed_attention = False  # set by allocate_cache
         self.in_place_attention = False  # decode steps read the cache in place (CUDA)
         self.fused_decode = False  # and rotate and write it in the same kernel
+        self.rotary_kernel = False  # with their cos and sin from a kernel of their own (CUDA)
         if plan.is_first:
             self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
@@ -359,6 +360,7 @@ class Stage(nn.Module):
         )
         self.in_place_attention = decode_attention.available(device, config.head_dim)
         self.fused_decode = decode_attention.fused(device, config.head_dim)
+        self.rotary_kernel = decode_attention.rotary_kernel()
         for layer in self.layers:
             layer.mlp.activation_kernel = silu_mul.available(device)
         for module in self.modules():
@@ -379,7 +381,10 @@ class Stage(nn.Module):
     def decode_inputs(self, slots: Tensor, positions: Tensor, length: int) -> StepInputs:
         """Inputs of a step where every sequence adds one token; tensor ops only (no host
         synchronisation), so CUDA graphs can capture it. `length` bounds the positions."""
-        cos, sin = self.rotary(positions)
+        if self.fused_decode and self.rotary_kernel:
+            cos, sin = decode_attention.rotary_tables(positions, self.inv_freq)
+        else:
+            cos, sin = self.rotary(positions)
         if self.in_place_attention:
             step = StepInputs(slots, positions, cos, sin, None, slots, None, [], all_decode=True)
             step.decode_lengths, step.decode_context = positions + 1, length

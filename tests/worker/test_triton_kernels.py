@@ -82,13 +82,21 @@ for dtype, ieee, warps in (("bf16", False, 4), ("fp32", True, 4), ("bf16", False
     ]
     assert all(kernel.asm["cubin"] for kernel in kernels)  # ptxas's machine code for sm_90
     count += len(kernels)
+rotary = compiled(
+    decode_attention._rotary_kernel,
+    {"positions_ptr": "*i64", "inv_freq_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32"},
+    (),
+    {"HALF": 64},
+)
+assert rotary.asm["cubin"]
+count += 1
 print(f"compiled: {count} kernels")
 """
 
 INTERPRETED = """
 import torch
 from tests.decode_reference import rotary_at, rotate_and_write
-from worker import decode_attention, rms_norm
+from worker import decode_attention, model, rms_norm
 
 generator = torch.Generator().manual_seed(0)
 heads, kv_heads, head_dim, context = 6, 2, 32, 256
@@ -116,6 +124,13 @@ for name, result in (("fused", ours), ("in-place", in_place)):
     assert error < 1e-5, (name, error)
 torch.testing.assert_close(ours_k, k_cache)
 assert torch.equal(ours_v, v_cache)
+
+# the rotary tables: positions up to a long context's, Llama 3's frequencies
+inv_freq = 1.0 / 500000.0 ** (torch.arange(0, 128, 2).float() / 128)
+at = torch.tensor([0, 1, 255, 8191, 131071])
+theirs = model.rotary_tables(at, inv_freq)
+for ours, table in zip(decode_attention.rotary_tables(at, inv_freq), theirs):
+    torch.testing.assert_close(ours, table)
 
 # a power of two and a width the block masks; a scale where eps is a tenth of the mean square
 for width, scale in ((4096, 3.0), (1000, 0.01)):
@@ -145,13 +160,14 @@ def run_with_triton(script: str, **environment: str) -> str:
 
 def test_every_kernel_compiles_for_sm90() -> None:
     """The decode attention's three kernels, the activation's and the RMS norm's, bf16 and fp32
-    (and bf16 at 8 warps a program), compiled to machine code for an H100/H200 (Llama 3 8B's
-    heads and hidden size)."""
-    assert "compiled: 15 kernels" in run_with_triton(COMPILED)
+    (and bf16 at 8 warps a program), and the rotary tables', compiled to machine code for an
+    H100/H200 (Llama 3 8B's heads and hidden size)."""
+    assert "compiled: 16 kernels" in run_with_triton(COMPILED)
 
 
 def test_the_decode_kernels_equal_torch_in_the_interpreter() -> None:
     """The fused decode step and the in-place attention, fp32, against apply_rotary, the cache
-    writes and scaled_dot_product_attention, and the RMS norm against torch's (the interpreter
+    writes and scaled_dot_product_attention, the rotary tables and the RMS norm against
+    worker/model.py's and torch's (the interpreter
     is chosen when the kernels are defined, so it has a process of its own too)."""
     assert "interpreted: equal" in run_with_triton(INTERPRETED, TRITON_INTERPRET="1")
