@@ -433,7 +433,7 @@ def rotary_tables(positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
     worker/model.py's `rotary_tables` computes them, in a kernel of their own. In a compiled
     decode step Inductor had computed them inside every layer's qkv product (one kernel, so
     one launch less, but the product's reduction ran 2-3 us slower on the H200)."""
-    return _rotary(positions.contiguous(), inv_freq.contiguous())
+    return _rotary(positions.contiguous(), inv_freq.float().contiguous())
 
 
 def decode_step_attention(
