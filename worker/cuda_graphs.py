@@ -29,6 +29,7 @@ import torch._inductor.config
 from torch import Tensor
 
 from worker.model import Span, Stage
+from worker.sampling import greedy_tokens
 from worker.stream_wait import StreamFlag, stream_flag
 
 log = logging.getLogger(__name__)
@@ -231,7 +232,7 @@ class DecodeGraphs:
         step = self.stage.decode_inputs(slots, positions, context)
         output = self.stage.run(inputs, step, None)
         # the argmax in the graph: a greedy step needs no launch after the replay but the copy
-        return output, output.argmax(dim=-1) if self.stage.plan.is_last else None
+        return output, greedy_tokens(output) if self.stage.plan.is_last else None
 
     def _capture(self, bucket: int, context: int) -> CapturedStep:
         def body() -> tuple[Tensor, Tensor | None]:

@@ -1,10 +1,13 @@
-"""The context buckets of the CUDA-graph decode steps (plain Python: runs without a GPU)."""
+"""The context buckets of the CUDA-graph decode steps and their greedy tokens (on the CPU: runs
+without a GPU)."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from worker.cuda_graphs import CONTEXT_BUCKET, context_bucket, context_buckets
+from worker.sampling import greedy_tokens
 
 
 @pytest.mark.parametrize("limit", [1, 100, 256, 300, 1024, 2048, 4096, 8192, 32768, 131072])
@@ -30,3 +33,18 @@ def test_buckets_are_fine_up_to_1024_then_grow_by_about_half() -> None:
 
 def test_a_context_past_the_limit_takes_the_last_bucket() -> None:
     assert context_bucket(5000, context_buckets(2048)) == 2048
+
+
+@pytest.mark.parametrize("vocab", [128256, 49152, 1000, 7])
+def test_greedy_tokens_equal_the_argmax_ties_included(vocab: int) -> None:
+    """The decode graphs' two-reduction argmax gives torch's, eager and compiled (dynamic, as the
+    graphs compile it), ties to the first index: within a part, across parts, a row all equal;
+    vocabularies that fill their parts of 256 and ones that pad the last."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn((5, vocab), generator=generator)
+    logits[1] = 0.0
+    logits[2, [3, vocab - 1]] = 100.0
+    logits[3, [min(300, vocab - 2), min(301, vocab - 1)]] = 50.0
+    theirs = logits.argmax(dim=-1)
+    for ours in (greedy_tokens(logits), torch.compile(greedy_tokens, dynamic=True)(logits)):
+        assert torch.equal(ours, theirs)
