@@ -13,7 +13,9 @@ SwiGLU's activation inlined by Inductor into the down projection instead of
 `worker/silu_mul.py`'s kernel), `norm-inline` (compiled, with the RMS norms inlined by
 Inductor into the products they feed instead of `worker/rms_norm.py`'s kernel) and
 `rotary-inline` (compiled, with the rotary cos and sin left to Inductor instead of
-`decode_attention.rotary_tables`' kernel). Prints each variant's step time, the bandwidth it reaches on the weight bytes, and the
+`decode_attention.rotary_tables`' kernel) and `gemv-inline` (compiled, with a one-row step's
+products left to Inductor and the norms to `worker/rms_norm.py` instead of `worker/gemv.py`'s
+kernel). Prints each variant's step time, the bandwidth it reaches on the weight bytes, and the
 top kernels of an eager step (of the compiled graph's replay too with `--kernels`); writes JSON
 with `--output`. `--matmuls` times each weight's matrix product alone (`F.linear`, as the graphs
 call it) against the measured copy bandwidth: what the products can reach at best.
@@ -263,6 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     activation = stage.layers[0].mlp.activation_kernel
     norms = [module for module in stage.modules() if isinstance(module, RMSNorm)]
     norm_kernel = norms[0].kernel
+    row_products = stage.row_products
     for variant in args.variants.split(","):
         # `gathered`: compiled, with decode attention over gathered keys (before the in-place
         # kernel, and where Triton is missing)
@@ -273,6 +276,9 @@ def main(argv: list[str] | None = None) -> None:
             layer.mlp.activation_kernel = activation and variant != "inline"
         for norm in norms:
             norm.kernel = norm_kernel and variant != "norm-inline"
+        stage.row_products = row_products and variant != "gemv-inline"
+        for layer in stage.layers:
+            layer.row_products = stage.row_products
         torch._dynamo.reset()  # each variant compiled afresh, its compile time its own
         # one DecodeGraphs for every batch, as a worker has: compilations and captures add up
         graphs = DecodeGraphs(stage, compile=variant != "graph")

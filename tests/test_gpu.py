@@ -22,7 +22,7 @@ from tests.cluster import Cluster, save_random_llama, start_auto
 from tests.decode_reference import rotary_at, rotate_and_write
 from tests.test_parity import PROMPTS, pipeline_answer, reference
 from tests.worker.test_frames import chained, dial
-from worker import decode_attention, rms_norm, silu_mul
+from worker import decode_attention, gemv, rms_norm, silu_mul
 from worker.cuda_graphs import DecodeGraphs
 from worker.model import Span, Stage, StagePlan, rotary_tables
 from worker.step_profile import ENVIRONMENT, profile_dir
@@ -176,13 +176,17 @@ def test_bf16_logits_within_tolerance(tmp_path: Path) -> None:
     model_dir = synth("tiny", tmp_path / "tiny")
     ids = torch.randint(2, 4096, (40,), generator=torch.Generator().manual_seed(0))
     stage = whole_model(model_dir, torch.bfloat16)
-    ours = stage(ids.cuda(), [Span(0, 0, len(ids))], [len(ids) - 1]).float()[0]
+    prompt, last = ids[:-1], ids[-1:]
+    ours = [stage(prompt.cuda(), [Span(0, 0, len(prompt))], [len(prompt) - 1]).float()[0]]
+    # and a decode step after it: one row, whose products are worker/gemv.py's
+    ours.append(stage(last.cuda(), [Span(0, len(prompt), 1)], [0]).float()[0])
     reference_model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda()
     with torch.inference_mode():
-        theirs = reference_model(ids[None].cuda()).logits[0, -1].float()
-    error = ((ours - theirs).norm() / theirs.norm()).item()
-    print(f"bf16 relative logit error vs transformers: {error:.2e}")
-    assert error < BF16_TOLERANCE
+        logits = reference_model(ids[None].cuda()).logits[0].float()
+    for mine, theirs in zip(ours, (logits[-2], logits[-1]), strict=True):
+        error = ((mine - theirs).norm() / theirs.norm()).item()
+        print(f"bf16 relative logit error vs transformers: {error:.2e}")
+        assert error < BF16_TOLERANCE
 
 
 @pytest.mark.parametrize("batch", [1, 3, 16])
@@ -409,3 +413,40 @@ def test_rotary_tables_kernel_equals_the_torch_tables() -> None:
             assert ours.dtype == torch.float32 and ours.shape == (6, 128)
             error = (ours - table).abs().max().item()
             assert error < 1e-5, error
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    "rows, width", [(6144, 4096), (4096, 14336), (128256, 4096), (1000, 576), (37, 100)]
+)
+def test_gemv_kernel_equals_the_torch_products(dtype, rows, width) -> None:
+    """worker/gemv.py's one-row product gives the layer's torch expressions: the RMS norm then
+    the product (plus the bias), the product plus the residual, the fp32 logits, SwiGLU's
+    silu(gate) * up after the normed gate/up product; Llama 3 8B's
+    qkv, down and lm_head shapes, SmolLM2-135M's hidden size and a width the blocks mask; eager
+    and compiled (as the decode graphs run it)."""
+    assert gemv.available(torch.device("cuda"))
+    generator = torch.Generator(device="cuda").manual_seed(0)
+
+    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        out = torch.randn(shape, device="cuda", generator=generator) * scale
+        return out.to(dtype)
+
+    x, weight = randn(1, width, scale=3.0), randn(rows, width, scale=width**-0.5)
+    norm, bias, residual = randn(width), randn(rows), randn(1, rows)
+    normed = (norm * torch.nn.functional.rms_norm(x.float(), (width,), eps=1e-5).to(dtype)).float()
+    gate, up = (normed @ weight[: rows // 2 * 2].float().T).chunk(2, dim=-1)
+    cases = [
+        (dict(norm=norm, eps=1e-5, bias=bias), normed @ weight.float().T + bias.float()),
+        (dict(residual=residual), x.float() @ weight.float().T + residual.float()),
+        (dict(norm=norm, eps=1e-5, fp32_out=True), normed @ weight.float().T),
+        (dict(norm=norm, eps=1e-5, swiglu=True), torch.nn.functional.silu(gate) * up),
+    ]
+    for keywords, theirs in cases:
+        kernel = partial(gemv.gemv, **keywords)
+        weights = weight[: rows // 2 * 2] if keywords.get("swiglu") else weight
+        for ours in (kernel(x, weights), torch.compile(kernel)(x, weights)):
+            wanted = torch.float32 if keywords.get("fp32_out") else dtype
+            assert ours.dtype == wanted and ours.shape == theirs.shape
+            error = ((ours.float() - theirs).norm() / theirs.norm()).item()
+            assert error < (1e-2 if dtype == torch.bfloat16 else 1e-5), (keywords.keys(), error)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn.attention.varlen import varlen_attn
 
 from meshpipe.models.config import ModelConfig
-from worker import decode_attention, rms_norm, silu_mul
+from worker import decode_attention, gemv, rms_norm, silu_mul
 from worker.cpu_kernels import NativeKernels
 
 
@@ -100,17 +100,20 @@ class Attention(nn.Module):
         self.native: NativeKernels | None = None
 
     def forward(self, x: Tensor, step: StepInputs) -> Tensor:
-        tokens = x.shape[0]
+        return self.o_proj(self.attend(self.qkv_proj(x), step))
+
+    def attend(self, qkv: Tensor, step: StepInputs) -> Tensor:
+        """Attention of each token's q, k and v `[T, (H + 2 kvh) hd]` (writing k and v to the
+        cache): `[T, H hd]`, before the output projection."""
+        tokens = qkv.shape[0]
         config = self.config
         heads, kv_heads, head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        qkv = self.qkv_proj(x)
         if step.all_decode and self.native is not None:
             assert self.kv_cache is not None
             caches = (self.kv_cache.k_cache, self.kv_cache.v_cache)
-            out = self.native.decode_attention(
+            return self.native.decode_attention(
                 qkv, step.cos, step.sin, step.slots, step.positions, caches, heads
             )
-            return self.o_proj(out)
         if step.all_decode and step.fused:  # CUDA: the rotation and cache writes in-kernel
             assert self.kv_cache is not None
             caches = (self.kv_cache.k_cache, self.kv_cache.v_cache)
@@ -118,7 +121,7 @@ class Attention(nn.Module):
             out = decode_attention.decode_step_attention(
                 qkv, step.cos, step.sin, *caches, *where, heads
             )
-            return self.o_proj(out.view(tokens, -1))
+            return out.view(tokens, -1)
         sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
         q, k, v = qkv.split(sizes, dim=-1)
         q = q.reshape(tokens, heads, head_dim)
@@ -128,15 +131,15 @@ class Attention(nn.Module):
         assert self.kv_cache is not None
         self.kv_cache.update(step.slots, step.positions, k, v)
         if step.all_decode:  # the common case, and the one captured in CUDA graphs
-            return self.o_proj(self._decode(q, step).reshape(tokens, -1))
+            return self._decode(q, step).reshape(tokens, -1)
         if step.packed is not None:  # CUDA, 16-bit: every span of the step in one call
-            return self.o_proj(self._packed(q, step.packed).reshape(tokens, -1))
+            return self._packed(q, step.packed).reshape(tokens, -1)
         out = torch.empty_like(q)  # [T, H, hd]
         if step.decode_rows is not None:
             out[step.decode_rows] = self._decode(q[step.decode_rows], step)
         for span, rows in step.prefill:
             out[rows] = self._prefill(q[rows], span)
-        return self.o_proj(out.view(tokens, -1))
+        return out.view(tokens, -1)
 
     def _decode(self, q: Tensor, step: StepInputs) -> Tensor:
         """One new token for each of B sequences, attended in one batched call."""
@@ -195,11 +198,14 @@ class FeedForward(nn.Module):
         self.activation_kernel = False  # silu(gate) * up by worker/silu_mul.py (CUDA)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate_up = self.gate_up_proj(x)
+        return self.down_proj(self.activation(self.gate_up_proj(x)))
+
+    def activation(self, gate_up: Tensor) -> Tensor:
+        """silu(gate) * up."""
         if self.activation_kernel:
-            return self.down_proj(silu_mul.silu_mul(gate_up))
+            return silu_mul.silu_mul(gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return F.silu(gate) * up
 
 
 class DecoderLayer(nn.Module):
@@ -209,10 +215,25 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = FeedForward(config)
+        self.row_products = False  # CUDA: a one-row step's products by worker/gemv.py
 
     def forward(self, x: Tensor, step: StepInputs) -> Tensor:
+        if self.row_products and x.shape[0] == 1:
+            return self._one_row(x, step)
         h = x + self.self_attn(self.input_layernorm(x), step)
         return h + self.mlp(self.post_attention_layernorm(h))
+
+    def _one_row(self, x: Tensor, step: StepInputs) -> Tensor:
+        """The layer on one token: four products, each with what lies next to it in the same
+        kernel: the norm before it, the residual's add after it, or SwiGLU's activation."""
+        attention, mlp = self.self_attn, self.mlp
+        first, second = self.input_layernorm, self.post_attention_layernorm
+        qkv_proj = attention.qkv_proj
+        qkv = gemv.gemv(x, qkv_proj.weight, norm=first.weight, eps=first.eps, bias=qkv_proj.bias)
+        h = gemv.gemv(attention.attend(qkv, step), attention.o_proj.weight, residual=x)
+        gate_up = mlp.gate_up_proj.weight
+        act = gemv.gemv(h, gate_up, norm=second.weight, eps=second.eps, swiglu=True)
+        return gemv.gemv(act, mlp.down_proj.weight, residual=h)
 
 
 def rope_frequencies(config: ModelConfig) -> Tensor:
@@ -323,6 +344,7 @@ class Stage(nn.Module):
         self.in_place_attention = False  # decode steps read the cache in place (CUDA)
         self.fused_decode = False  # and rotate and write it in the same kernel
         self.rotary_kernel = False  # with their cos and sin from a kernel of their own (CUDA)
+        self.row_products = False  # a one-row step's products by worker/gemv.py (CUDA)
         if plan.is_first:
             self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
@@ -361,8 +383,10 @@ class Stage(nn.Module):
         self.in_place_attention = decode_attention.available(device, config.head_dim)
         self.fused_decode = decode_attention.fused(device, config.head_dim)
         self.rotary_kernel = decode_attention.rotary_kernel()
+        self.row_products = gemv.available(device)
         for layer in self.layers:
             layer.mlp.activation_kernel = silu_mul.available(device)
+            layer.row_products = self.row_products
         for module in self.modules():
             if isinstance(module, RMSNorm):
                 module.kernel = rms_norm.available(device)
@@ -441,6 +465,9 @@ class Stage(nn.Module):
             return x
         if sample_rows is not None:
             x = x[sample_rows]
+        if self.row_products and x.shape[0] == 1:
+            norm = self.norm
+            return gemv.gemv(x, self.lm_head.weight, norm=norm.weight, eps=norm.eps, fp32_out=True)
         return self.lm_head(self.norm(x)).float()
 
     @torch.no_grad()

@@ -25,7 +25,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from worker import decode_attention, rms_norm, silu_mul
+from worker import decode_attention, gemv, rms_norm, silu_mul
 
 # Llama 3 8B's heads: 32 query heads over 8 KV heads of 128
 HEADS = {"HEADS": 32, "GROUP": 4, "BLOCK_G": 16, "HEAD_DIM": 128, "SPLIT_COUNT": 8}
@@ -36,7 +36,10 @@ STRIDES = ("stride_ks", "stride_kh", "stride_kn", "split_size")
 def compiled(kernel, pointers, integers, constants, warps=4, floats=()):
     signature = pointers | dict.fromkeys(integers, "i64") | dict.fromkeys(floats, "fp32")
     signature |= dict.fromkeys(constants, "constexpr")
-    source = ASTSource(kernel, signature, constexprs=constants)
+    # pointers and sizes divisible by 16, as Triton's launcher specialises them at run time
+    aligned = [*pointers, *integers]
+    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    source = ASTSource(kernel, signature, constexprs=constants, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 
 
@@ -80,6 +83,29 @@ for dtype, ieee, warps in (("bf16", False, 4), ("fp32", True, 4), ("bf16", False
             floats=("eps",),
         ),
     ]
+    # the one-row products as a decoder layer calls them (Llama 3 8B's), and the lm_head's
+    products = (
+        ((6144, 4096), dict(NORM=True, BIAS=True), dtype),  # qkv, with a bias as Qwen's has
+        ((4096, 4096), dict(RESIDUAL=True), dtype),  # o
+        ((28672, 4096), dict(NORM=True, SWIGLU=True), dtype),  # gate/up
+        ((4096, 14336), dict(RESIDUAL=True), dtype),  # down
+        ((128256, 4096), dict(NORM=True), "fp32"),  # the lm_head's fp32 logits
+    )
+    for (rows, width), flags, out in products:
+        block_n, block_k, launch_warps = gemv.launch_for(rows, width)
+        flags = dict(NORM=False, BIAS=False, RESIDUAL=False, SWIGLU=False) | flags
+        operands = ("x_ptr", "weight_ptr", "norm_ptr", "bias_ptr", "residual_ptr")
+        kernels.append(
+            compiled(
+                gemv._gemv_kernel,
+                dict.fromkeys(operands, f"*{dtype}") | {"out_ptr": f"*{out}"},
+                ("rows", "width"),
+                flags | {"BLOCK_N": block_n, "BLOCK_K": block_k, "EVEN_K": True},
+                launch_warps,
+                floats=("eps",),
+            )
+        )
+        assert "ld.global.v4" in kernels[-1].asm["ptx"]  # the weights read 16 bytes a load
     assert all(kernel.asm["cubin"] for kernel in kernels)  # ptxas's machine code for sm_90
     count += len(kernels)
 rotary = compiled(
@@ -96,7 +122,7 @@ print(f"compiled: {count} kernels")
 INTERPRETED = """
 import torch
 from tests.decode_reference import rotary_at, rotate_and_write
-from worker import decode_attention, model, rms_norm
+from worker import decode_attention, gemv, model, rms_norm
 
 generator = torch.Generator().manual_seed(0)
 heads, kv_heads, head_dim, context = 6, 2, 32, 256
@@ -138,6 +164,30 @@ for width, scale in ((4096, 3.0), (1000, 0.01)):
     weight = torch.randn(width, generator=generator)
     theirs = weight * torch.nn.functional.rms_norm(x, (width,), eps=1e-5)
     torch.testing.assert_close(rms_norm.rms_norm(x, weight, 1e-5), theirs)
+
+# the one-row products: norm and bias, the residual, SwiGLU, fp32 logits; block sizes that
+# mask rows and columns, and launch_for's
+close = dict(rtol=1e-4, atol=1e-4)
+for rows, width, launch in ((64, 64, None), (38, 100, (4, 32, 4)), (512, 2048, None)):
+    x = torch.randn((1, width), generator=generator)
+    weight = torch.randn((rows, width), generator=generator) * width**-0.5
+    norm, bias = torch.randn(width, generator=generator), torch.randn(rows, generator=generator)
+    residual = torch.randn((1, rows), generator=generator)
+    normed = norm * torch.nn.functional.rms_norm(x, (width,), eps=1e-5)
+    gate, up = (normed @ weight.T).chunk(2, dim=-1)
+    cases = (
+        (dict(norm=norm, bias=bias), normed @ weight.T + bias),
+        (dict(residual=residual), x @ weight.T + residual),
+        (dict(norm=norm, swiglu=True), torch.nn.functional.silu(gate) * up),
+    )
+    for keywords, theirs in cases:
+        if launch is None:
+            ours = gemv.gemv(x, weight, eps=1e-5, **keywords)
+        else:
+            ours = torch.empty_like(theirs)
+            operands = [keywords.get(k) for k in ("norm", "bias", "residual")]
+            gemv.launch(x, weight, *operands, 1e-5, ours, *launch, keywords.get("swiglu", False))
+        torch.testing.assert_close(ours, theirs, **close)
 print("interpreted: equal")
 """
 
@@ -159,15 +209,16 @@ def run_with_triton(script: str, **environment: str) -> str:
 
 
 def test_every_kernel_compiles_for_sm90() -> None:
-    """The decode attention's three kernels, the activation's and the RMS norm's, bf16 and fp32
-    (and bf16 at 8 warps a program), and the rotary tables', compiled to machine code for an
-    H100/H200 (Llama 3 8B's heads and hidden size)."""
-    assert "compiled: 16 kernels" in run_with_triton(COMPILED)
+    """The decode attention's three kernels, the activation's, the RMS norm's and the one-row
+    products' (each of a decoder layer's, with its norm, add or activation, and the lm_head's,
+    their weights read with 16-byte loads), bf16 and fp32 (and bf16 at 8 warps a program), and
+    the rotary tables', compiled to machine code for an H100/H200 (Llama 3 8B's shapes)."""
+    assert "compiled: 31 kernels" in run_with_triton(COMPILED)
 
 
 def test_the_decode_kernels_equal_torch_in_the_interpreter() -> None:
     """The fused decode step and the in-place attention, fp32, against apply_rotary, the cache
-    writes and scaled_dot_product_attention, the rotary tables and the RMS norm against
-    worker/model.py's and torch's (the interpreter
+    writes and scaled_dot_product_attention, the rotary tables, the RMS norm and the one-row
+    products against worker/model.py's and torch's (the interpreter
     is chosen when the kernels are defined, so it has a process of its own too)."""
     assert "interpreted: equal" in run_with_triton(INTERPRETED, TRITON_INTERPRET="1")
