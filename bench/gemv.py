@@ -6,11 +6,10 @@ For each product of a decode step of one row (the qkv projection with the norm b
 output projection with the residual's add, gate/up with its norm, down with its add, the
 lm_head with the final norm and fp32 logits), in the same process:
 
-- `kernel`: `worker.gemv.gemv`, with `launch_for`'s block sizes (for gate/up with SwiGLU's
-  activation in it, as a decoder layer calls it);
+- `kernel`: `worker.gemv.gemv`, with `launch_for`'s block sizes;
 - `inductor`: the worker's step before it: `worker/rms_norm.py`'s norm where there is one,
   then `F.linear` (plus the add) compiled by TorchInductor as the decode graphs compile it
-  (coordinate-descent tuning), then for gate/up `worker/silu_mul.py`'s activation;
+  (coordinate-descent tuning);
 - `cublas`: `F.linear` alone, eager;
 
 and with `--sweep` every block size (`BLOCK_N` x `BLOCK_K` x warps) of the kernel. Each is
@@ -36,7 +35,7 @@ import torch._inductor.config
 import torch.nn.functional as F
 
 from meshpipe.models.synth import PRESETS, preset_config
-from worker import gemv, rms_norm, silu_mul
+from worker import gemv, rms_norm
 from worker.sampling import greedy_tokens
 from worker.triton_import import triton
 
@@ -52,7 +51,7 @@ def products(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {
         "qkv": {"rows": qkv, "width": hidden, "norm": True},
         "o": {"rows": hidden, "width": heads * head_dim, "residual": True},
-        "gate_up": {"rows": 2 * ffn, "width": hidden, "norm": True, "swiglu": True},
+        "gate_up": {"rows": 2 * ffn, "width": hidden, "norm": True},
         "down": {"rows": hidden, "width": ffn, "residual": True},
         "lm_head": {"rows": config["vocab_size"], "width": hidden, "norm": True, "fp32": True},
     }
@@ -100,11 +99,8 @@ def measure(name: str, shape: dict[str, Any], sweep: bool) -> dict[str, Any]:
     fp32 = bool(shape.get("fp32"))
     eps = 1e-5
 
-    swiglu = bool(shape.get("swiglu"))
-
     def ours(weight: torch.Tensor) -> torch.Tensor:
-        keywords = {"residual": residual, "fp32_out": fp32, "swiglu": swiglu}
-        return gemv.gemv(x, weight, norm=norm_weight, eps=eps, **keywords)
+        return gemv.gemv(x, weight, norm=norm_weight, eps=eps, residual=residual, fp32_out=fp32)
 
     def product(normed: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         out = F.linear(normed, weight)
@@ -112,17 +108,14 @@ def measure(name: str, shape: dict[str, Any], sweep: bool) -> dict[str, Any]:
             out = out + residual
         return out.float() if fp32 else out
 
-    def activation(out: torch.Tensor) -> torch.Tensor:
-        return silu_mul.silu_mul(out) if swiglu else out
-
     compiled = torch.compile(product, fullgraph=True, dynamic=False)
 
     def theirs(weight: torch.Tensor) -> torch.Tensor:
         normed = x if norm_weight is None else rms_norm.rms_norm(x, norm_weight, eps)
-        return activation(compiled(normed, weight))
+        return compiled(normed, weight)
 
     normed = x if norm_weight is None else rms_norm.rms_norm(x, norm_weight, eps)
-    reference = activation(product(normed, weights[0])).float()
+    reference = product(normed, weights[0]).float()
     error = float((ours(weights[0]).float() - reference).norm() / reference.norm())
     result: dict[str, Any] = {**shape, "bytes": nbytes, "copies": copies, "rel_error": error}
     timed = {
@@ -147,8 +140,7 @@ def measure(name: str, shape: dict[str, Any], sweep: bool) -> dict[str, Any]:
 def sweep_launches(shape, weights, x, norm_weight, residual, fp32, eps) -> list[dict[str, Any]]:
     """Every (BLOCK_N, BLOCK_K, warps) of the kernel on this product, timed as above."""
     rows, width = shape["rows"], shape["width"]
-    swiglu = bool(shape.get("swiglu"))
-    out = x.new_empty((1, rows // 2 if swiglu else rows), dtype=torch.float32 if fp32 else x.dtype)
+    out = x.new_empty((1, rows), dtype=torch.float32 if fp32 else x.dtype)
     entries = []
     for block_n in (1, 2, 4, 8, 16):
         for block_k in (512, 1024, 2048):
@@ -157,7 +149,7 @@ def sweep_launches(shape, weights, x, norm_weight, residual, fp32, eps) -> list[
             for warps in (2, 4, 8) if block_n <= 2 else (4, 8):
 
                 def call(weight: torch.Tensor, launch=(block_n, block_k, warps)) -> None:
-                    gemv.launch(x, weight, norm_weight, None, residual, eps, out, *launch, swiglu)
+                    gemv.launch(x, weight, norm_weight, None, residual, eps, out, *launch)
 
                 us = graph_time([lambda w=w: call(w) for w in weights])
                 entries.append({"block_n": block_n, "block_k": block_k, "warps": warps, "us": us})

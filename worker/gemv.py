@@ -11,10 +11,7 @@ does what lies next to it in a decoder layer:
   normed row is the product of the row times the norm's weight, scaled at the end by the
   reciprocal root mean square, which the same pass over the row sums up (each program reads
   the whole row anyway). No norm kernel, and no normed row written and read again;
-- the bias, and the residual's add after the output and down projections;
-- SwiGLU's activation after the gate/up product: a program sums its gate rows and the matching
-  up rows, and writes silu(gate) * up (no gate/up output written and read again, and no
-  worker/silu_mul.py kernel between the two products).
+- the bias, and the residual's add after the output and down projections.
 
 `BLOCK_N` weight rows a program, `BLOCK_K` columns a pass, fp32 sums; the sizes are
 `launch_for`'s, measured on an H200 with `python -m bench.gemv`. One row only: a batch of
@@ -69,18 +66,14 @@ if triton is not None:
         NORM: tl.constexpr,
         BIAS: tl.constexpr,
         RESIDUAL: tl.constexpr,
-        SWIGLU: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         EVEN_K: tl.constexpr,
     ):
-        # `rows` outputs; with SWIGLU the weight has twice as many rows, the gate's then the
-        # up's, and output j is silu(gate j) * up j
         outputs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         inside = outputs < rows
         weight_rows = weight_ptr + outputs.to(tl.int64)[:, None] * width
         sums = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        up_sums = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for start in range(0, width, BLOCK_K):
             columns = start + tl.arange(0, BLOCK_K)
@@ -97,21 +90,11 @@ if triton is not None:
                     x = x * tl.load(norm_ptr + columns).to(tl.float32)
                 else:
                     x = x * tl.load(norm_ptr + columns, mask=within, other=0.0).to(tl.float32)
-            at = weight_rows + columns[None, :]
-            sums += tl.load(at, mask=where, other=0.0).to(tl.float32) * x[None, :]
-            if SWIGLU:
-                up = tl.load(at + rows * width, mask=where, other=0.0).to(tl.float32)
-                up_sums += up * x[None, :]
+            w = tl.load(weight_rows + columns[None, :], mask=where, other=0.0)
+            sums += w.to(tl.float32) * x[None, :]
         out = tl.sum(sums, axis=1)
-        if SWIGLU:
-            up = tl.sum(up_sums, axis=1)
         if NORM:
-            scale = tl.math.rsqrt(tl.sum(squares, axis=0) / width + eps)
-            out = out * scale
-            if SWIGLU:
-                up = up * scale
-        if SWIGLU:
-            out = out * tl.sigmoid(out) * up
+            out = out * tl.math.rsqrt(tl.sum(squares, axis=0) / width + eps)
         if BIAS:
             out += tl.load(bias_ptr + outputs, mask=inside, other=0.0).to(tl.float32)
         if RESIDUAL:
@@ -127,25 +110,17 @@ if triton is not None:
         residual: Tensor | None,
         eps: float,
         fp32_out: bool,
-        swiglu: bool,
     ) -> Tensor:
         rows, width = weight.shape
-        outputs = rows // 2 if swiglu else rows
-        out = x.new_empty((1, outputs), dtype=torch.float32 if fp32_out else x.dtype)
-        block_n, block_k, warps = launch_for(rows, width)
-        if swiglu:  # a program reads its gate rows and as many up rows
-            block_n = max(1, block_n // 2)
-        launch(x, weight, norm, bias, residual, eps, out, block_n, block_k, warps, swiglu)
+        out = x.new_empty((1, rows), dtype=torch.float32 if fp32_out else x.dtype)
+        launch(x, weight, norm, bias, residual, eps, out, *launch_for(rows, width))
         return out
 
 
-def launch(
-    x, weight, norm, bias, residual, eps, out, block_n, block_k, warps, swiglu=False
-) -> None:
-    """The kernel on `x` `[1, K]` and `weight` `[N, K]` (with `swiglu`, `[2N, K]`) into `out`
-    `[1, N]`, with the given block sizes (`bench.gemv` tries them all)."""
-    width = weight.shape[1]
-    rows = out.shape[1]
+def launch(x, weight, norm, bias, residual, eps, out, block_n, block_k, warps) -> None:
+    """The kernel on `x` `[1, K]` and `weight` `[N, K]` into `out` `[1, N]`, with the given
+    block sizes (`bench.gemv` tries them all)."""
+    rows, width = weight.shape
     unused = x  # a pointer the kernel does not read where its flag is off
     kernel = torch.library.wrap_triton(_gemv_kernel)
     kernel[(triton.cdiv(rows, block_n),)](
@@ -161,7 +136,6 @@ def launch(
         NORM=norm is not None,
         BIAS=bias is not None,
         RESIDUAL=residual is not None,
-        SWIGLU=swiglu,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         EVEN_K=width % block_k == 0,
@@ -178,11 +152,8 @@ def gemv(
     bias: Tensor | None = None,
     residual: Tensor | None = None,
     fp32_out: bool = False,
-    swiglu: bool = False,
 ) -> Tensor:
     """`x` `[1, K]` times `weight` `[N, K]` transposed: `[1, N]` in x's dtype (fp32 with
     `fp32_out`). With `norm` (`[K]`), of the row RMS-normed with that weight and `eps`; plus
-    `bias` `[N]` and `residual` `[1, N]`. With `swiglu` the weight is SwiGLU's gate and up
-    projections, `[2F, K]` (the gate's F rows, then the up's), and the result silu(gate) * up,
-    `[1, F]`: the activation in the same kernel, without the two halves written and read."""
-    return _gemv(x.contiguous(), weight, norm, bias, residual, eps, fp32_out, swiglu)
+    `bias` `[N]` and `residual` `[1, N]`."""
+    return _gemv(x.contiguous(), weight, norm, bias, residual, eps, fp32_out)

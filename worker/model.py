@@ -224,16 +224,15 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
     def _one_row(self, x: Tensor, step: StepInputs) -> Tensor:
-        """The layer on one token: four products, each with what lies next to it in the same
-        kernel: the norm before it, the residual's add after it, or SwiGLU's activation."""
+        """The layer on one token: four products, each with the norm before it or the
+        residual's add after it in the same kernel."""
         attention, mlp = self.self_attn, self.mlp
         first, second = self.input_layernorm, self.post_attention_layernorm
         qkv_proj = attention.qkv_proj
         qkv = gemv.gemv(x, qkv_proj.weight, norm=first.weight, eps=first.eps, bias=qkv_proj.bias)
         h = gemv.gemv(attention.attend(qkv, step), attention.o_proj.weight, residual=x)
-        gate_up = mlp.gate_up_proj.weight
-        act = gemv.gemv(h, gate_up, norm=second.weight, eps=second.eps, swiglu=True)
-        return gemv.gemv(act, mlp.down_proj.weight, residual=h)
+        gate_up = gemv.gemv(h, mlp.gate_up_proj.weight, norm=second.weight, eps=second.eps)
+        return gemv.gemv(mlp.activation(gate_up), mlp.down_proj.weight, residual=h)
 
 
 def rope_frequencies(config: ModelConfig) -> Tensor:

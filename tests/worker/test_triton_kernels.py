@@ -87,13 +87,13 @@ for dtype, ieee, warps in (("bf16", False, 4), ("fp32", True, 4), ("bf16", False
     products = (
         ((6144, 4096), dict(NORM=True, BIAS=True), dtype),  # qkv, with a bias as Qwen's has
         ((4096, 4096), dict(RESIDUAL=True), dtype),  # o
-        ((28672, 4096), dict(NORM=True, SWIGLU=True), dtype),  # gate/up
+        ((28672, 4096), dict(NORM=True), dtype),  # gate/up
         ((4096, 14336), dict(RESIDUAL=True), dtype),  # down
         ((128256, 4096), dict(NORM=True), "fp32"),  # the lm_head's fp32 logits
     )
     for (rows, width), flags, out in products:
         block_n, block_k, launch_warps = gemv.launch_for(rows, width)
-        flags = dict(NORM=False, BIAS=False, RESIDUAL=False, SWIGLU=False) | flags
+        flags = dict(NORM=False, BIAS=False, RESIDUAL=False) | flags
         operands = ("x_ptr", "weight_ptr", "norm_ptr", "bias_ptr", "residual_ptr")
         kernels.append(
             compiled(
@@ -165,7 +165,7 @@ for width, scale in ((4096, 3.0), (1000, 0.01)):
     theirs = weight * torch.nn.functional.rms_norm(x, (width,), eps=1e-5)
     torch.testing.assert_close(rms_norm.rms_norm(x, weight, 1e-5), theirs)
 
-# the one-row products: norm and bias, the residual, SwiGLU, fp32 logits; block sizes that
+# the one-row products: norm and bias, the residual; block sizes that
 # mask rows and columns, and launch_for's
 close = dict(rtol=1e-4, atol=1e-4)
 for rows, width, launch in ((64, 64, None), (38, 100, (4, 32, 4)), (512, 2048, None)):
@@ -174,11 +174,9 @@ for rows, width, launch in ((64, 64, None), (38, 100, (4, 32, 4)), (512, 2048, N
     norm, bias = torch.randn(width, generator=generator), torch.randn(rows, generator=generator)
     residual = torch.randn((1, rows), generator=generator)
     normed = norm * torch.nn.functional.rms_norm(x, (width,), eps=1e-5)
-    gate, up = (normed @ weight.T).chunk(2, dim=-1)
     cases = (
         (dict(norm=norm, bias=bias), normed @ weight.T + bias),
         (dict(residual=residual), x @ weight.T + residual),
-        (dict(norm=norm, swiglu=True), torch.nn.functional.silu(gate) * up),
     )
     for keywords, theirs in cases:
         if launch is None:
@@ -186,7 +184,7 @@ for rows, width, launch in ((64, 64, None), (38, 100, (4, 32, 4)), (512, 2048, N
         else:
             ours = torch.empty_like(theirs)
             operands = [keywords.get(k) for k in ("norm", "bias", "residual")]
-            gemv.launch(x, weight, *operands, 1e-5, ours, *launch, keywords.get("swiglu", False))
+            gemv.launch(x, weight, *operands, 1e-5, ours, *launch)
         torch.testing.assert_close(ours, theirs, **close)
 print("interpreted: equal")
 """
