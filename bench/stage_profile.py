@@ -272,13 +272,12 @@ def main(argv: list[str] | None = None) -> None:
         stage.in_place_attention = in_place and variant != "gathered"
         stage.fused_decode = fused and variant not in ("gathered", "unfused")
         stage.rotary_kernel = rotary and variant != "rotary-inline"
-        for layer in stage.layers:
-            layer.mlp.activation_kernel = activation and variant != "inline"
-        for norm in norms:
-            norm.kernel = norm_kernel and variant != "norm-inline"
         stage.row_products = row_products and variant != "gemv-inline"
         for layer in stage.layers:
+            layer.mlp.activation_kernel = activation and variant != "inline"
             layer.row_products = stage.row_products
+        for norm in norms:
+            norm.kernel = norm_kernel and variant != "norm-inline"
         torch._dynamo.reset()  # each variant compiled afresh, its compile time its own
         # one DecodeGraphs for every batch, as a worker has: compilations and captures add up
         graphs = DecodeGraphs(stage, compile=variant != "graph")
