@@ -24,18 +24,15 @@ rounded to the dtype before the product, and the residual is added to the fp32 s
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
-from worker.triton_import import tl, triton
+from worker.triton_import import kernel_serves, tl, triton
 
 
 def available(device: torch.device) -> bool:
-    """Whether the kernel serves a stage on `device`."""
-    wanted = os.environ.get("MESHPIPE_GEMV", "kernel") != "inline"
-    return triton is not None and device.type == "cuda" and wanted
+    """Whether the kernel serves a stage on `device` (`MESHPIPE_GEMV=inline` turns it off)."""
+    return kernel_serves(device, "MESHPIPE_GEMV")
 
 
 def launch_for(rows: int, width: int) -> tuple[int, int, int]:

@@ -21,18 +21,15 @@ against the other).
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
-from worker.triton_import import tl, triton
+from worker.triton_import import kernel_serves, tl, triton
 
 
 def available(device: torch.device) -> bool:
-    """Whether the kernel serves a stage on `device`."""
-    wanted = os.environ.get("MESHPIPE_RMS_NORM", "kernel") != "inline"
-    return triton is not None and device.type == "cuda" and wanted
+    """Whether the kernel serves a stage on `device` (`MESHPIPE_RMS_NORM=inline` turns it off)."""
+    return kernel_serves(device, "MESHPIPE_RMS_NORM")
 
 
 def block_for(width: int) -> int:

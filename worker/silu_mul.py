@@ -15,20 +15,17 @@ in fp32 and rounded once, as Inductor's fused code does.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
-from worker.triton_import import tl, triton
+from worker.triton_import import kernel_serves, tl, triton
 
 BLOCK = 1024  # columns a program
 
 
 def available(device: torch.device) -> bool:
-    """Whether the kernel serves a stage on `device`."""
-    wanted = os.environ.get("MESHPIPE_SILU_MUL", "kernel") != "inline"
-    return triton is not None and device.type == "cuda" and wanted
+    """Whether the kernel serves a stage on `device` (`MESHPIPE_SILU_MUL=inline` turns it off)."""
+    return kernel_serves(device, "MESHPIPE_SILU_MUL")
 
 
 if triton is not None:

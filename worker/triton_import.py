@@ -21,3 +21,11 @@ if wanted and hasattr(torch.library, "triton_op"):  # torch.library.triton_op: t
         import triton.language as tl
     except ImportError:  # a CUDA build without it, or a CPU build
         triton = tl = None
+
+
+def kernel_serves(device: torch.device, switch: str) -> bool:
+    """Whether one of meshpipe's Triton kernels serves a stage on `device`: Triton is here, the
+    device is CUDA, and the environment's `switch` is not `inline` (that variable gives the
+    work back to Inductor, for measuring one against the other)."""
+    wanted = os.environ.get(switch, "kernel") != "inline"
+    return triton is not None and device.type == "cuda" and wanted
