@@ -24,6 +24,7 @@ from cryptography.x509.oid import NameOID
 
 from meshpipe.identity import new_join_token
 from tests.cluster import Cluster, free_port, meshpipe, start_auto
+from worker import cpu_kernels
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # Wide enough that rich never wraps a cell, so the assertions can look for whole phrases.
@@ -204,9 +205,11 @@ def test_doctor_passes_against_a_running_cluster(
     result = doctor(tiny_cluster.url, mesh_port(tiny_cluster), tmp_path / "home")
     assert result.returncode == 0, result.stdout + result.stderr
     rows = findings(result.stdout)
-    checks = ("python", "torch", "device cpu", "cpu kernels", f"model {DEFAULT_MODEL}", "gateway")
+    checks = ("python", "torch", "device cpu", f"model {DEFAULT_MODEL}", "gateway")
     for check in checks:
         assert rows[check][0] == "ok", rows
+    # the C kernels need AVX-512: a machine without it gets the warning, and torch's kernels
+    assert rows["cpu kernels"][0] == ("ok" if cpu_kernels.load() is not None else "warn"), rows
     assert rows[f"model {DEFAULT_MODEL}"][1].endswith("checksums match")
     assert "ready" in rows["gateway"][1]
     for port in (f"{tiny_cluster.port}/tcp", f"{mesh_port(tiny_cluster)}/udp"):
