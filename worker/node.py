@@ -366,14 +366,14 @@ class WorkerNode(DeviceSteps):
     ) -> None:
         """Put the fed tokens into the step's inputs and queue it."""
         assert self.config is not None
-        vocab, inputs = self.config.vocab_size, batch.inputs
+        vocab, inputs = self.config.vocab_size, batch.inputs.numpy()  # a view: 6 us less a row
         for row, sampled in batch.meta.pop("fed"):
             if not (sampled < len(tokens) and 0 <= tokens[sampled] < vocab):
                 raise FrameError("bad_batch", f"no token {sampled} in the feed, or out of range")
             inputs[row] = tokens[sampled]
         self.fed_steps += 1
         if self.armed is not None and self.armed[0] == batch.batch_id and self.graphs is not None:
-            self.graphs.release(self.armed[1], inputs)  # the GPU starts it now
+            self.graphs.release(self.armed[1], batch.inputs)  # the GPU starts it now
         self.batches.put_nowait((source, frame, batch, time.perf_counter()))
 
     def _feed_first(self, batch_id: int, tokens: torch.Tensor) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -82,3 +83,21 @@ def test_a_small_frames_copied_bytes_are_the_viewed_ones(tensor: torch.Tensor) -
         assert tensor_bytes(sent) == tensor_view(sent).tobytes()
     (frame,) = FrameDecoder().feed(head + tensor_bytes(sent))
     assert frame.tensor is not None and torch.equal(frame.tensor, tensor)
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [b"{oops", b'{"a":NaN}', b'{"a":1e999}', b'{"a":"\xff"}', b"[1, 2]", b'"text"'],
+)
+def test_metadata_that_is_not_a_json_object_is_refused(meta: bytes) -> None:
+    frame = HEADER.pack(b"MPIP", 1, Kind.BATCH, 0, 0, 0, 0, 9, len(meta), 0, 0, 0, 0, 0) + meta
+    with pytest.raises(FrameError) as error:
+        FrameDecoder().feed(frame)
+    assert error.value.code == "bad_meta"
+
+
+def test_metadata_is_written_as_json_writes_it() -> None:
+    """Integer keys become strings and numpy's scalars numbers, as with json.dumps."""
+    meta = {1: "one", "half": np.float64(0.5), "count": np.int64(3), "nested": {"t": (1, 2)}}
+    (frame,) = FrameDecoder().feed(Frame(Kind.STATUS, 1, meta).encode())
+    assert frame.meta == {"1": "one", "half": 0.5, "count": 3, "nested": {"t": [1, 2]}}
