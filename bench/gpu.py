@@ -19,6 +19,7 @@ import json
 import os
 import random
 import shlex
+import shutil
 import socket
 import statistics
 import string
@@ -33,6 +34,7 @@ import torch
 
 from bench.environment import free_port
 from bench.serving import Prompt, stream_request, summarize
+from meshpipe import trace
 from meshpipe.models.synth import synth
 from worker import step_profile
 
@@ -207,7 +209,9 @@ def serve_figures(url: str, model_dir: Path, args: argparse.Namespace) -> dict[s
     short = letter_prompts(64, 32, seed=1)
     for concurrency in (1, 16, 64):  # warm-up: captures the CUDA graphs of each batch size
         asyncio.run(level(url, model, short[:concurrency], concurrency, 8))
+    begun = time.perf_counter_ns()  # the clock of meshpipe.trace's marks
     figures = {"single_stream": measured(url, model, short[:1], 1, args.single_tokens)}
+    figures["single_stream"]["window_ns"] = [begun, time.perf_counter_ns()]
     if args.single_only:
         return figures
     figures["concurrent_16"] = measured(url, model, short[:16], 16, args.tokens)
@@ -227,6 +231,21 @@ def step_profiles(stages: int, timeout: float = 30.0) -> dict[str, Any]:
             break
         time.sleep(0.2)
     return {path.stem: json.loads(path.read_text()) for path in paths}
+
+
+def loop_parts(directory: Path, window: list[int]) -> dict[str, Any]:
+    """The single stream's token loop part by part (meshpipe.trace.segments), over the steps
+    that stage 1 completed inside the level's window, and the stages' send calls."""
+    processes = trace.load(directory)
+    done = sorted(
+        (ns, batch_id)
+        for (what, batch_id), ns in processes.get("stage1", {}).items()
+        if what == "done" and window[0] <= ns <= window[1]
+    )
+    batches = [batch_id for _, batch_id in done]
+    parts = trace.segments(processes, batches)
+    parts["sum_p50_us"] = round(sum(part["p50_us"] for part in parts.values()), 1)
+    return parts | {"of which": trace.segments(processes, batches, trace.SEND_CALLS)}
 
 
 def hf_anchor(model_dir: Path, tokens: int) -> dict[str, Any]:
@@ -289,6 +308,12 @@ def main(argv: list[str] | None = None) -> None:
         help="profile each worker's steps FIRST+1..FIRST+COUNT where they run "
         "(worker/step_profile.py; a level's steps_before gives the stages' counts at its start)",
     )
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="the single stream's token loop, part by part, from marks the processes make "
+        "(meshpipe/trace.py)",
+    )
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
     os.environ.setdefault("MESHPIPE_HOME", "/tmp/meshpipe-gpu-bench")
@@ -303,6 +328,10 @@ def main(argv: list[str] | None = None) -> None:
         os.environ[step_profile.ENVIRONMENT] = args.profile_steps
         for old in step_profile.profile_dir().glob("*.json"):
             old.unlink()
+    trace_dir = Path(os.environ["MESHPIPE_HOME"]) / "trace"
+    if args.trace:
+        shutil.rmtree(trace_dir, ignore_errors=True)
+        os.environ[trace.ENVIRONMENT] = str(trace_dir)
     process, url = start_cluster(
         model_dir, args.slots, args.max_in_flight, args.busy_poll_ms, args.token_loop, log
     )
@@ -313,6 +342,9 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         process.terminate()
         process.wait(60)
+    window = ours["single_stream"].pop("window_ns")
+    if args.trace:
+        ours["single_stream"]["loop_us"] = loop_parts(trace_dir, window)
     report = {
         "command": shlex.join([sys.executable, "-m", "bench.gpu", *(argv or sys.argv[1:])]),
         # switches that change what runs (MESHPIPE_ARMED_STEPS, MESHPIPE_SILU_MUL, ...)

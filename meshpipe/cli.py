@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from meshpipe import busy_poll, operator
+from meshpipe import busy_poll, operator, trace
 from meshpipe.models.catalog import ModelError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -269,6 +269,7 @@ def run_worker(args: argparse.Namespace) -> None:
         raise SystemExit("error: --relay-only needs --relay HOST:PORT")
     from meshpipe.relay_link import RelayRefused
 
+    trace.start("worker")  # MESHPIPE_TRACE: marks of its steps, for benchmarks
     try:
         busy_poll.run(WorkerNode(settings).run(), settings.busy_poll_ms / 1000)
     except RelayRefused as error:

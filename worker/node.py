@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from meshpipe import busy_poll, dirs
+from meshpipe import busy_poll, dirs, trace
 from meshpipe.identity import load_or_create_identity
 from meshpipe.latency import LinkLatency
 from meshpipe.models.catalog import installed, resolve
@@ -257,6 +257,7 @@ class WorkerNode(DeviceSteps):
 
     def on_frame(self, connection: MeshConnection, frame: Frame) -> None:
         if frame.kind == Kind.BATCH:
+            trace.mark("batch", frame.message_id)
             if self.stage is None:
                 raise FrameError("not_ready", "this worker has no assignment yet")
             if self.stage.plan.is_first and "after" in frame.meta:
@@ -269,6 +270,7 @@ class WorkerNode(DeviceSteps):
                 self._start_predicted(batch)
             self.batches.put_nowait((connection, frame, batch, time.perf_counter()))
         elif frame.kind == Kind.FEED:
+            trace.mark("feed", frame.message_id)
             self._on_feed(frame)
         elif frame.kind == Kind.ASSIGN and connection is self.gateway:
             asyncio.get_running_loop().create_task(self._assign(frame.meta))
@@ -374,6 +376,7 @@ class WorkerNode(DeviceSteps):
         self.fed_steps += 1
         if self.armed is not None and self.armed[0] == batch.batch_id and self.graphs is not None:
             self.graphs.release(self.armed[1], batch.inputs)  # the GPU starts it now
+            trace.mark("released", batch.batch_id)
         self.batches.put_nowait((source, frame, batch, time.perf_counter()))
 
     def _feed_first(self, batch_id: int, tokens: torch.Tensor) -> None:
@@ -466,6 +469,7 @@ class WorkerNode(DeviceSteps):
             await self._on_compute_thread(graphs.warm)
             self.graphs = graphs
         self.config, self.plan, self.stage = config, plan, stage
+        trace.rename("stage0" if plan.is_first else "stage1" if plan.is_last else "stage-mid")
 
     def _build_stage(self, model_dir, config: ModelConfig, plan: StagePlan) -> Stage:
         if self.settings.threads:
@@ -519,6 +523,7 @@ class WorkerNode(DeviceSteps):
                 else:
                     result, logprobs = await self._on_compute_thread(self._run, batch)
                 finished = time.perf_counter()
+                trace.mark("done", batch.batch_id)
                 self.step_seconds = finished - started
                 self.steps += 1
                 await self._send_on(batch, result, logprobs)
@@ -567,7 +572,9 @@ class WorkerNode(DeviceSteps):
         timings = (timings if isinstance(timings, list) else [])[:64] + [self.step_seconds]
         batch.meta["timings"] = timings
         if self.stage.plan.is_last:
+            trace.mark("sending", batch.batch_id)
             self._feed_first(batch.batch_id, result)
+            trace.mark("sent", batch.batch_id)
             meta = {"timings": timings}
             if logprobs is not None:
                 meta["logprobs"] = logprobs
@@ -576,7 +583,9 @@ class WorkerNode(DeviceSteps):
         if self.next_stage is None or self.next_stage.closed:
             raise FrameError("no_next_stage", "the next stage is not connected")
         await self.next_stage.drain(SEND_WINDOW_BYTES)
+        trace.mark("sending", batch.batch_id)
         self.next_stage.send(batch.forward_frame(result))
+        trace.mark("sent", batch.batch_id)
 
     def _report(self, source: MeshConnection, frame: Frame) -> None:
         """Errors about a batch go to its sender and, so it can fail the batch, to the gateway."""

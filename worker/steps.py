@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from meshpipe import trace
 from worker.batch import Batch
 from worker.cuda_graphs import ArmedStep, DecodeGraphs
 from worker.model import Span, Stage
@@ -115,6 +116,7 @@ class DeviceSteps:
         assert batch is not None
         step = self.armed[1]
         self.graphs.release(step, batch.inputs)  # the GPU starts it now
+        trace.mark("released", batch.batch_id)
         self.armed = (batch.batch_id, step)
 
     def _cancel_armed(self) -> None:
