@@ -1,7 +1,7 @@
 """Timestamps of a step's way through the processes, for benchmarks: where a token's host time goes.
 
-With `MESHPIPE_TRACE=DIR` in the environment, the gateway and every worker record a few marks per
-step (a frame's arrival, an armed step's release, the GPU's completion seen, the frame sent on),
+With `MESHPIPE_TRACE=DIR` in the environment, every worker records a few marks per step (a
+frame's arrival, an armed step's release, the GPU's completion seen, the send of its result),
 each with the batch id and `time.perf_counter_ns()`. On Linux that is CLOCK_MONOTONIC, one clock
 for every process of the machine, so the marks of different processes can be subtracted: the
 time from stage 0's send to stage 1's receipt is the hop. Each process writes its marks to
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 ENVIRONMENT = "MESHPIPE_TRACE"
-MAX_MARKS = 1 << 20  # a bound on memory: about 64 MB of tuples at most
+MAX_MARKS = 1 << 18  # a bound on memory, about 40 MB; a whole bench.gpu run makes a few thousand
 
 _marks: list[tuple[str, int, int]] | None = None
 _role = ""
@@ -58,8 +58,8 @@ def _write(directory: Path) -> None:
 
 
 def load(directory: Path) -> dict[str, dict[tuple[str, int], int]]:
-    """Each process's marks by role (`gateway`, `stage0`, ...): {(what, batch id): ns}; a mark
-    made twice for one batch keeps its first time."""
+    """Each process's marks by role (`stage0`, `stage1`): {(what, batch id): ns}; a mark made
+    twice for one batch keeps its first time."""
     processes: dict[str, dict[tuple[str, int], int]] = {}
     for path in sorted(directory.glob("*.json")):
         role = path.stem.rsplit("-", 1)[0]
@@ -92,7 +92,9 @@ SEND_CALLS = (
 
 
 def segments(
-    processes: dict[str, dict[tuple[str, int], int]], batches: list[int], parts=TWO_STAGE_LOOP
+    processes: dict[str, dict[tuple[str, int], int]],
+    batches: list[int],
+    parts: tuple = TWO_STAGE_LOOP,
 ) -> dict[str, Any]:
     """Median and 90th percentile, in us, of each of `parts` over the consecutive batches of
     one stream, `batches` in order; a step missing a mark is left out of that part."""
