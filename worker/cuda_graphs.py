@@ -110,6 +110,8 @@ class DecodeGraphs:
             if stage.plan.is_first
             else torch.empty_like(self.inputs, device="cpu").pin_memory()
         )
+        # a row of host_inputs, in bytes: `release` copies whole rows
+        self.row_bytes = 0 if self.host_inputs is None else self.host_inputs[0].nbytes
         self.copied = torch.cuda.Event()  # the last copy out of host_indices and host_inputs
         self.flag: StreamFlag | None = None  # set by warm() where steps can be armed
         self.pool = torch.cuda.graph_pool_handle()
@@ -189,7 +191,7 @@ class DecodeGraphs:
             self.host_view[2, : armed.count] = inputs.numpy()
         else:
             assert self.host_inputs is not None
-            size = self.host_inputs[0].nbytes * armed.count
+            size = self.row_bytes * armed.count
             same = inputs.dtype == self.host_inputs.dtype and inputs.is_contiguous()
             if not (same and inputs.nbytes == size and not inputs.is_cuda):
                 raise ValueError(f"an armed step takes {armed.count} rows like its inputs'")
