@@ -109,13 +109,13 @@ class EchoServer:
         if frame.kind != Kind.ECHO:
             return
         if frame.meta.get("ack"):
-            received = 0 if frame.tensor is None else frame.tensor.nbytes
+            received = 0 if frame.payload is None else frame.payload.nbytes
             connection.send(Frame(Kind.ECHO, frame.message_id, {"received": received}))
         elif frame.meta.get("stats"):
             stats = {**self.sizes.as_dict(), "cpu_seconds": time.process_time()}
             connection.send(Frame(Kind.ECHO, frame.message_id, stats))
         else:
-            connection.send(Frame(Kind.ECHO, frame.message_id, {}, frame.tensor))
+            connection.send(Frame(Kind.ECHO, frame.message_id, {}, frame.payload))
 
     def on_closed(self, connection: MeshConnection) -> None:
         pass

@@ -15,7 +15,6 @@ import ctypes
 import enum
 import math
 import struct
-from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import orjson
@@ -84,23 +83,95 @@ class FrameError(Exception):
         self.code = code
 
 
-@dataclass(frozen=True)
+class Raw(NamedTuple):
+    """A tensor's bytes as they travel, with their dtype and shape, and no torch tensor.
+
+    A received frame holds its tensor this way, and a stage sends its pinned output buffer this
+    way: making or inspecting a torch tensor is tens of microseconds on a hop's path, where its
+    code runs cold once a token (docs/transport.md), and a hop between stages needs the bytes
+    only (a memoryview copy into the next step's pinned inputs, or a list of token ids)."""
+
+    dtype: DType
+    shape: tuple[int, ...]
+    data: memoryview  # format "B": exactly the tensor's bytes, C order
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
+    def tolist(self) -> list[int]:
+        """The values of int64 token ids, as torch's `tolist` gives them."""
+        if self.dtype != DType.INT64 or len(self.shape) != 1:
+            raise ValueError("only int64 ids [n] are read as a list")
+        return self.data.cast("q").tolist()
+
+    def to_torch(self) -> torch.Tensor:
+        """A torch tensor on the same bytes (no copy)."""
+        dtype = TORCH_DTYPES[self.dtype]
+        if not self.data:
+            return torch.empty(self.shape, dtype=dtype)
+        tensor = torch.frombuffer(self.data, dtype=dtype)
+        if len(self.shape) > 1:  # frombuffer's tensor already has a rank-1 frame's shape
+            tensor = tensor.view(*self.shape)  # unpacked: a third faster than a tuple
+        return tensor
+
+
 class Frame:
-    """One decoded message."""
+    """One message: a kind, an id, a metadata dict, and a tensor or none.
 
-    kind: Kind
-    message_id: int = 0
-    meta: dict[str, Any] = field(default_factory=dict)
-    tensor: torch.Tensor | None = None
+    `tensor` may be given as a torch tensor or as a `Raw`. A received frame holds a `Raw`
+    (`frame.raw`); `frame.tensor` makes the torch tensor on first use, on the same bytes."""
 
-    def head_and_tensor(self) -> tuple[bytes, torch.Tensor | None]:
+    __slots__ = ("kind", "message_id", "meta", "raw", "_tensor")
+
+    def __init__(
+        self,
+        kind: Kind,
+        message_id: int = 0,
+        meta: dict[str, Any] | None = None,
+        tensor: torch.Tensor | Raw | None = None,
+    ) -> None:
+        self.kind, self.message_id = kind, message_id
+        self.meta: dict[str, Any] = {} if meta is None else meta
+        self.raw: Raw | None = tensor if isinstance(tensor, Raw) else None
+        self._tensor: torch.Tensor | None = None if isinstance(tensor, Raw) else tensor
+
+    def __repr__(self) -> str:
+        shape = None if self.payload is None else list(self.shape_and_dtype()[0])
+        return f"Frame({self.kind.name}, {self.message_id}, {self.meta!r}, shape={shape})"
+
+    @property
+    def tensor(self) -> torch.Tensor | None:
+        if self._tensor is None and self.raw is not None:
+            self._tensor = self.raw.to_torch()
+        return self._tensor
+
+    @property
+    def payload(self) -> torch.Tensor | Raw | None:
+        """The tensor as it would travel on: the bytes that came, else the torch tensor."""
+        return self.raw if self.raw is not None else self._tensor
+
+    def shape_and_dtype(self) -> tuple[tuple[int, ...], torch.dtype]:
+        """The tensor's shape and torch dtype, read without making it (a frame with one)."""
+        if self.raw is not None:
+            return self.raw.shape, TORCH_DTYPES[self.raw.dtype]
+        assert self._tensor is not None
+        return tuple(self._tensor.shape), self._tensor.dtype
+
+    def head_and_tensor(self) -> tuple[bytes, torch.Tensor | Raw | None]:
         """The header plus metadata bytes, and the tensor as it travels (contiguous, on the CPU)."""
         # orjson: a decode step's metadata in under a microsecond, where json.dumps took 9 us
         # on the project's VM (on the path of every hop between stages)
         meta = orjson.dumps(self.meta, option=META_OPTIONS) if self.meta else b""
-        if self.tensor is None:
+        raw = self.raw
+        if raw is not None:
+            header = _header(
+                self.kind, raw.dtype, raw.shape, self.message_id, len(meta), len(raw.data)
+            )
+            return header + meta, raw
+        if self._tensor is None:
             return _header(self.kind, DType.NONE, (), self.message_id, len(meta), 0) + meta, None
-        tensor = self.tensor
+        tensor = self._tensor
         # Checked first: detach() and the device's name cost more than the checks.
         if tensor.requires_grad:
             tensor = tensor.detach()
@@ -120,15 +191,19 @@ class Frame:
         return head if tensor is None else head + tensor_bytes(tensor)
 
 
-def tensor_view(tensor: torch.Tensor) -> memoryview:
+def tensor_view(tensor: torch.Tensor | Raw) -> memoryview:
     """The bytes of a contiguous CPU tensor, without a copy (the view keeps the tensor alive)."""
+    if isinstance(tensor, Raw):
+        return tensor.data
     # bfloat16 has no numpy type: view the raw bytes instead.
     return memoryview(tensor.view(torch.uint8).numpy()).cast("B")
 
 
-def tensor_bytes(tensor: torch.Tensor) -> bytes:
-    """A copy of the bytes of a contiguous CPU tensor: read from its address, in a third of the
-    time that tensor_view's torch and numpy views take (a small frame is copied anyway)."""
+def tensor_bytes(tensor: torch.Tensor | Raw) -> bytes | memoryview:
+    """The bytes of a contiguous CPU tensor, to be copied by the caller's concatenation: read
+    from its address, in a third of the time that tensor_view's torch and numpy views take."""
+    if isinstance(tensor, Raw):
+        return tensor.data
     size = tensor.nbytes
     return ctypes.string_at(tensor.data_ptr(), size) if size else b""
 
@@ -203,15 +278,10 @@ def _decode_body(header: _Header, body: memoryview) -> Frame:
             raise FrameError("bad_meta", f"metadata is not JSON: {error}") from None
         if not isinstance(meta, dict):
             raise FrameError("bad_meta", "metadata must be a JSON object")
-    tensor = None
-    if header.dtype != DType.NONE:
-        raw = body[header.meta_length :]
-        tensor = torch.frombuffer(raw, dtype=TORCH_DTYPES[header.dtype]) if len(raw) else None
-        if tensor is None:
-            tensor = torch.empty(0, dtype=TORCH_DTYPES[header.dtype])
-        if len(header.shape) > 1:  # frombuffer's tensor already has a rank-1 frame's shape
-            tensor = tensor.view(*header.shape)  # unpacked: a third faster than a tuple
-    return Frame(header.kind, header.message_id, meta, tensor)
+    if header.dtype == DType.NONE:
+        return Frame(header.kind, header.message_id, meta)
+    raw = Raw(header.dtype, header.shape, body[header.meta_length :])  # a torch tensor on use
+    return Frame(header.kind, header.message_id, meta, raw)
 
 
 class FrameDecoder:

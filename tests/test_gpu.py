@@ -17,7 +17,7 @@ import torch
 from bench import gpu
 from meshpipe.models.config import ModelConfig
 from meshpipe.models.synth import synth
-from meshpipe.wire import Frame, Kind, error_frame
+from meshpipe.wire import Frame, Kind, error_frame, tensor_view
 from tests.cluster import Cluster, save_random_llama, start_auto
 from tests.decode_reference import rotary_at, rotate_and_write
 from tests.test_parity import PROMPTS, pipeline_answer, reference
@@ -240,7 +240,7 @@ def test_an_armed_step_waits_for_its_inputs_then_equals_a_run(gpu_tiny: Path, ha
     after.record()
     time.sleep(0.05)
     assert not after.query(), "the armed step ran before its inputs came"
-    graphs.release(armed, inputs)
+    graphs.release(armed, tensor_view(inputs))  # the bytes, as a received frame has them
     after.synchronize()
     assert torch.allclose(armed.output, expected, atol=1e-5, rtol=1e-5)
 

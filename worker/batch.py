@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from meshpipe.wire import Frame, FrameError, Kind
+from meshpipe.wire import Frame, FrameError, Kind, Raw, tensor_view
 from worker.model import Span, StagePlan
 from worker.sampling import MAX_LOGPROBS, Penalty, SamplingParams
 
@@ -29,9 +29,21 @@ class Batch:
     spans: list[Span]
     sample_spans: list[int]
     sampling: list[SamplingParams]
-    inputs: Tensor
+    frame: Frame  # the inputs: see `inputs` and `input_bytes`
     meta: dict
     penalties: dict[int, Penalty] = field(default_factory=dict)  # by sampled row
+
+    @property
+    def inputs(self) -> Tensor:
+        """Token ids (the first stage) or hidden states, as a torch tensor (made on first use)."""
+        tensor = self.frame.tensor
+        assert tensor is not None  # parse_batch checked that there is one
+        return tensor
+
+    def input_bytes(self) -> memoryview:
+        """The inputs' bytes, writable, without a torch call for a batch that came over the
+        network (an armed step's release copies them straight into its pinned buffer)."""
+        return tensor_view(self.frame.payload)  # type: ignore[arg-type]
 
     @property
     def num_tokens(self) -> int:
@@ -45,7 +57,7 @@ class Batch:
             ends.append(total - 1)
         return [ends[index] for index in self.sample_spans]
 
-    def forward_frame(self, hidden: Tensor) -> Frame:
+    def forward_frame(self, hidden: Tensor | Raw) -> Frame:
         """The frame that carries this batch's hidden states to the next stage."""
         return Frame(Kind.BATCH, self.batch_id, self.meta, hidden)
 
@@ -114,21 +126,23 @@ def parse_batch(
     spans = parse_spans(frame.meta, plan)
     sample_spans, sampling = parse_sampling(frame.meta, len(spans))
     tokens = sum(span.length for span in spans)
-    tensor = frame.tensor
-    if tensor is None:
+    if frame.payload is None:
         raise FrameError("bad_batch", "a batch carries a tensor")
+    shape, tensor_dtype = frame.shape_and_dtype()  # hidden states: no torch call (see Raw)
     if plan.is_first:
-        if tensor.dtype != torch.int64 or tuple(tensor.shape) != (tokens,):
+        if tensor_dtype != torch.int64 or shape != (tokens,):
             raise FrameError("bad_batch", f"the first stage takes int64 ids [{tokens}]")
-        if tokens and (int(tensor.min()) < 0 or int(tensor.max()) >= vocab_size):
+        ids = frame.tensor
+        assert ids is not None
+        if tokens and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
             raise FrameError("bad_batch", f"token ids must lie in [0, {vocab_size})")
-    elif tensor.dtype != dtype or tuple(tensor.shape) != (tokens, hidden_size):
+    elif tensor_dtype != dtype or shape != (tokens, hidden_size):
         raise FrameError(
             "bad_batch",
-            f"expected {dtype} [{tokens}, {hidden_size}], got {tensor.dtype} {list(tensor.shape)}",
+            f"expected {dtype} [{tokens}, {hidden_size}], got {tensor_dtype} {list(shape)}",
         )
     penalties = parse_penalties(frame.meta, len(sampling), vocab_size)
-    return Batch(frame.message_id, spans, sample_spans, sampling, tensor, frame.meta, penalties)
+    return Batch(frame.message_id, spans, sample_spans, sampling, frame, frame.meta, penalties)
 
 
 def parse_penalties(meta: dict, num_sampled: int, vocab_size: int) -> dict[int, Penalty]:

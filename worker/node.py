@@ -34,7 +34,7 @@ from meshpipe.models.config import ModelConfig
 from meshpipe.quic import Dialer, MeshConnection, bound_port, listen
 from meshpipe.reach import GATEWAY_NODE_ID, Hop, dial
 from meshpipe.relay_link import RelayLink, RelayUnavailable, link_kind
-from meshpipe.wire import Frame, FrameError, Kind, error_frame
+from meshpipe.wire import Frame, FrameError, Kind, Raw, error_frame
 from worker.batch import MAX_SPANS, Batch, parse_batch
 from worker.blocks import Kernels, use_blocks
 from worker.cuda_graphs import DecodeGraphs
@@ -342,9 +342,11 @@ class WorkerNode(DeviceSteps):
 
     def _on_feed(self, frame: Frame) -> None:
         """The tokens a batch sampled, from the last stage."""
-        tokens = frame.tensor  # None: the batch sampled nothing (a prompt chunk)
-        if tokens is not None and (tokens.dtype != torch.int64 or tokens.dim() != 1):
-            raise FrameError("bad_feed", "a feed carries int64 token ids [n]")
+        tokens = frame.payload  # None: the batch sampled nothing (a prompt chunk)
+        if tokens is not None:
+            shape, dtype = frame.shape_and_dtype()
+            if dtype != torch.int64 or len(shape) != 1:
+                raise FrameError("bad_feed", "a feed carries int64 token ids [n]")
         if self.plan is None or not self.plan.is_first:
             return
         self._feed(frame.message_id, [] if tokens is None else tokens.tolist())
@@ -368,18 +370,19 @@ class WorkerNode(DeviceSteps):
     ) -> None:
         """Put the fed tokens into the step's inputs and queue it."""
         assert self.config is not None
-        vocab, inputs = self.config.vocab_size, batch.inputs.numpy()  # a view: 6 us less a row
+        vocab, data = self.config.vocab_size, batch.input_bytes()  # no torch call: see Raw
+        inputs = data.cast("q")
         for row, sampled in batch.meta.pop("fed"):
             if not (sampled < len(tokens) and 0 <= tokens[sampled] < vocab):
                 raise FrameError("bad_batch", f"no token {sampled} in the feed, or out of range")
             inputs[row] = tokens[sampled]
         self.fed_steps += 1
         if self.armed is not None and self.armed[0] == batch.batch_id and self.graphs is not None:
-            self.graphs.release(self.armed[1], batch.inputs)  # the GPU starts it now
+            self.graphs.release(self.armed[1], data)  # the GPU starts it now
             trace.mark("released", batch.batch_id)
         self.batches.put_nowait((source, frame, batch, time.perf_counter()))
 
-    def _feed_first(self, batch_id: int, tokens: torch.Tensor) -> None:
+    def _feed_first(self, batch_id: int, tokens: torch.Tensor | Raw) -> None:
         """The last stage: a step's tokens to the first stage, before the gateway has them."""
         if self.loop_link == "local":
             self._feed(batch_id, tokens.tolist())
@@ -528,6 +531,7 @@ class WorkerNode(DeviceSteps):
                 self.steps += 1
                 await self._send_on(batch, result, logprobs)
                 self.send_seconds += time.perf_counter() - finished
+                self.settle_replay()
                 self._profile_step(self.replay_device_seconds - device)
                 self._arm_successor(batch)
             except FrameError as error:
@@ -566,7 +570,9 @@ class WorkerNode(DeviceSteps):
             self.active_slots[span.slot] = str(owner)
         return batch
 
-    async def _send_on(self, batch: Batch, result: torch.Tensor, logprobs: list | None) -> None:
+    async def _send_on(
+        self, batch: Batch, result: torch.Tensor | Raw, logprobs: list | None
+    ) -> None:
         assert self.stage is not None and self.gateway is not None
         timings = batch.meta.get("timings")
         timings = (timings if isinstance(timings, list) else [])[:64] + [self.step_seconds]

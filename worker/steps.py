@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from meshpipe import trace
+from meshpipe.wire import WIRE_DTYPES, Raw, tensor_view
 from worker.batch import Batch
 from worker.cuda_graphs import ArmedStep, DecodeGraphs
 from worker.model import Span, Stage
@@ -50,6 +51,8 @@ class DeviceSteps:
     predicted: list[Span] | None = None
     last_decode: list[Span] | None = None
     _pinned: torch.Tensor | None = None  # the reused pinned buffer for results
+    _pinned_bytes: memoryview | None = None  # its bytes, which a replay's result is sent from
+    _replayed: tuple[torch.cuda.Event, torch.cuda.Event] | None = None  # see settle_replay
 
     def _arm(self, batch: Batch) -> None:
         """Queue a held decode step on the GPU now, so that its feed only has to start it:
@@ -115,7 +118,7 @@ class DeviceSteps:
             return
         assert batch is not None
         step = self.armed[1]
-        self.graphs.release(step, batch.inputs)  # the GPU starts it now
+        self.graphs.release(step, batch.input_bytes())  # the GPU starts it now
         trace.mark("released", batch.batch_id)
         self.armed = (batch.batch_id, step)
 
@@ -162,12 +165,13 @@ class DeviceSteps:
         self._cancel_armed()
         return None
 
-    async def _replay(self, batch: Batch, armed: ArmedStep | None = None) -> torch.Tensor:
+    async def _replay(self, batch: Batch, armed: ArmedStep | None = None) -> Raw:
         """A captured decode step on the event loop's own thread (or an armed one, running
         already). Launching it takes tens of microseconds; its completion is then polled while
         the loop keeps serving QUIC. A round trip through the compute thread cost about 0.45
         ms a step on an H200 machine (two thread wake-ups and the GIL), which a single stream
-        pays on every stage."""
+        pays on every stage. The result is the pinned buffer's bytes (a `Raw`, described before
+        the wait), so that nothing between the GPU's completion and the send calls torch."""
         assert self.graphs is not None and self.stage is not None
         done = torch.cuda.Event(enable_timing=True)
         if armed is not None:
@@ -179,11 +183,21 @@ class DeviceSteps:
         host = self._pinned_like(output)
         host.copy_(output, non_blocking=True)
         done.record()
+        assert self._pinned_bytes is not None
+        result = Raw(WIRE_DTYPES[host.dtype], tuple(host.shape), self._pinned_bytes[: host.nbytes])
         while not done.query():  # noqa: ASYNC110 - a CUDA event has nothing to await
             await asyncio.sleep(0)
         self.replays += 1
-        self.replay_device_seconds += begun.elapsed_time(done) / 1000
-        return host
+        self._replayed = (begun, done)
+        return result
+
+    def settle_replay(self) -> None:
+        """Count the last replay's GPU time; called once its result is sent (reading the
+        events' times is a driver call that need not come first)."""
+        if self._replayed is not None:
+            begun, done = self._replayed
+            self.replay_device_seconds += begun.elapsed_time(done) / 1000
+            self._replayed = None
 
     def _to_host(self, output: torch.Tensor) -> torch.Tensor:
         """Copy a result to the host; from the GPU through one reused pinned buffer."""
@@ -200,6 +214,7 @@ class DeviceSteps:
         size = output.numel() * output.element_size()
         if self._pinned is None or self._pinned.numel() < size:
             self._pinned = torch.empty(2 * size, dtype=torch.uint8).pin_memory()
+            self._pinned_bytes = tensor_view(self._pinned)
         return self._pinned[:size].view(output.dtype).view(output.shape)
 
 

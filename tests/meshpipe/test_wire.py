@@ -6,7 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from meshpipe.wire import HEADER, Frame, FrameDecoder, FrameError, Kind, tensor_bytes, tensor_view
+from meshpipe.wire import (
+    HEADER,
+    DType,
+    Frame,
+    FrameDecoder,
+    FrameError,
+    Kind,
+    Raw,
+    tensor_bytes,
+    tensor_view,
+)
 
 FRAMES = [
     Frame(Kind.ECHO, 1, {}, torch.arange(576, dtype=torch.float32).view(1, 576)),
@@ -101,3 +111,43 @@ def test_metadata_is_written_as_json_writes_it() -> None:
     meta = {1: "one", "half": np.float64(0.5), "count": np.int64(3), "nested": {"t": (1, 2)}}
     (frame,) = FrameDecoder().feed(Frame(Kind.STATUS, 1, meta).encode())
     assert frame.meta == {"1": "one", "half": 0.5, "count": 3, "nested": {"t": [1, 2]}}
+
+
+def test_a_received_tensor_stays_bytes_until_it_is_used() -> None:
+    """A received frame holds its tensor as a Raw: read and sent on without a torch tensor
+    (a hop between stages), and made one, on the same bytes, when something asks for it."""
+    sent = torch.arange(8, dtype=torch.bfloat16).view(2, 4)
+    (frame,) = FrameDecoder().feed(Frame(Kind.BATCH, 3, {"spans": []}, sent).encode())
+    assert frame.raw is not None and frame._tensor is None
+    assert frame.shape_and_dtype() == ((2, 4), torch.bfloat16)
+    assert frame.payload is frame.raw and frame.raw.nbytes == sent.nbytes
+    forwarded = Frame(Kind.BATCH, 3, frame.meta, frame.payload).encode()
+    assert forwarded == Frame(Kind.BATCH, 3, {"spans": []}, sent).encode()
+    assert frame._tensor is None  # sent on as it came
+    tensor = frame.tensor
+    assert tensor is not None and torch.equal(tensor, sent) and frame.tensor is tensor
+    frame.raw.data[:2] = bytes(2)  # one memory: the torch tensor sees the bytes change
+    assert float(tensor[0, 0]) == 0.0 and float(tensor[0, 1]) == 1.0
+
+
+def test_raw_ids_read_as_torch_reads_them() -> None:
+    ids = torch.tensor([0, 7, 128255, 2**40], dtype=torch.int64)
+    (frame,) = FrameDecoder().feed(Frame(Kind.FEED, 1, {}, ids).encode())
+    assert frame.raw is not None and frame.raw.tolist() == ids.tolist()
+    hidden = Raw(DType.BFLOAT16, (1, 2), memoryview(bytearray(4)))
+    with pytest.raises(ValueError):
+        hidden.tolist()  # only token ids are read as a list
+
+
+def test_a_frame_sent_from_raw_bytes_is_the_tensors_frame() -> None:
+    """A stage sends its pinned result buffer's bytes (worker/steps.py): the same frame as the
+    tensor's, and an empty tensor keeps its shape."""
+    buffer = torch.zeros(64, dtype=torch.uint8)
+    hidden = buffer[:16].view(torch.bfloat16).view(2, 4)
+    hidden.copy_(torch.randn(2, 4))
+    raw = Raw(DType.BFLOAT16, (2, 4), tensor_view(buffer)[:16])
+    meta = {"spans": [[0, 5, 1], [1, 9, 1]]}
+    assert Frame(Kind.BATCH, 9, meta, raw).encode() == Frame(Kind.BATCH, 9, meta, hidden).encode()
+    empty = Raw(DType.FLOAT32, (0, 8), memoryview(b""))
+    (frame,) = FrameDecoder().feed(Frame(Kind.ECHO, 2, {}, empty).encode())
+    assert frame.tensor is not None and frame.tensor.shape == (0, 8)
