@@ -111,7 +111,7 @@ class DecodeGraphs:
             else torch.empty_like(self.inputs, device="cpu").pin_memory()
         )
         # `release` writes through these views of the pinned buffers, and copies whole rows
-        self.host_ids = memoryview(self.host_view[2]).cast("B")
+        self.host_ids = memoryview(self.host_view[2]).cast("B") if stage.plan.is_first else None
         self.host_input_bytes = None if self.host_inputs is None else tensor_view(self.host_inputs)
         self.row_bytes = 0 if self.host_inputs is None else self.host_inputs[0].nbytes
         self.copied = torch.cuda.Event()  # the last copy out of host_indices and host_inputs
