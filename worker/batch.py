@@ -23,15 +23,21 @@ MAX_SPANS = 4096
 
 @dataclass(frozen=True)
 class Batch:
-    """A validated micro-batch."""
+    """A validated micro-batch: its frame (id, metadata, inputs) and what parsing it found."""
 
-    batch_id: int
+    frame: Frame  # the inputs: see `inputs` and `input_bytes`
     spans: list[Span]
     sample_spans: list[int]
     sampling: list[SamplingParams]
-    frame: Frame  # the inputs: see `inputs` and `input_bytes`
-    meta: dict
     penalties: dict[int, Penalty] = field(default_factory=dict)  # by sampled row
+
+    @property
+    def batch_id(self) -> int:
+        return self.frame.message_id
+
+    @property
+    def meta(self) -> dict:
+        return self.frame.meta
 
     @property
     def inputs(self) -> Tensor:
@@ -142,7 +148,7 @@ def parse_batch(
             f"expected {dtype} [{tokens}, {hidden_size}], got {tensor_dtype} {list(shape)}",
         )
     penalties = parse_penalties(frame.meta, len(sampling), vocab_size)
-    return Batch(frame.message_id, spans, sample_spans, sampling, frame, frame.meta, penalties)
+    return Batch(frame, spans, sample_spans, sampling, penalties)
 
 
 def parse_penalties(meta: dict, num_sampled: int, vocab_size: int) -> dict[int, Penalty]:

@@ -173,6 +173,7 @@ class DeviceSteps:
         pays on every stage. The result is the pinned buffer's bytes (a `Raw`, described before
         the wait), so that nothing between the GPU's completion and the send calls torch."""
         assert self.graphs is not None and self.stage is not None
+        self.settle_replay()  # a replay whose result was not sent (its send failed)
         done = torch.cuda.Event(enable_timing=True)
         if armed is not None:
             begun, output = armed.begun, armed.output
