@@ -22,7 +22,7 @@ import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from aioquic.asyncio import QuicConnectionProtocol, connect
 from aioquic.asyncio.server import QuicServer
@@ -45,6 +45,7 @@ from meshpipe.identity import (
     check_proof,
     join_proof,
 )
+from meshpipe.quic_fast import only_due, send_alone
 from meshpipe.quic_packets import use_wide_frames_if_needed, write_without_empty_packet
 from meshpipe.wire import (
     DEFAULT_MAX_PAYLOAD_BYTES,
@@ -52,10 +53,14 @@ from meshpipe.wire import (
     FrameDecoder,
     FrameError,
     Kind,
+    Raw,
     tensor_bytes,
     tensor_view,
 )
 from meshpipe.wire import error_frame as make_error_frame
+
+if TYPE_CHECKING:
+    import torch
 
 ALPN = "meshpipe/1"
 # aioquic's cost is per packet, so on-host links (lo's MTU is 65535/65536) use the largest
@@ -195,26 +200,44 @@ class MeshConnection(QuicConnectionProtocol):
         self._drained = asyncio.Event()
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.packets_sent_alone = 0  # small frames sent by meshpipe/quic_fast.py
 
     # -- sending ---------------------------------------------------------------------------
 
     def send(self, frame: Frame) -> None:
-        """Queue a frame on a new stream and transmit."""
+        """Send a frame now: a small one in a packet of its own where nothing else is due
+        (meshpipe/quic_fast.py), anything else queued and transmitted by aioquic."""
+        if self._send_alone(frame):
+            return
         self.queue(frame)
         if self._receiving:  # datagram_received transmits once, after all events
             self._answered = True
         else:
             self.transmit()
 
+    def _send_alone(self, frame: Frame) -> bool:
+        stream = self._quic._streams.get(self._shared_stream)  # type: ignore[arg-type]
+        if stream is None:  # the first small frame opens the stream through aioquic
+            return False
+        data = _shared_stream_bytes(*frame.head_and_tensor())
+        if data is None:
+            return False
+        self._piggyback_ack()
+        if not send_alone(self._quic, stream, data, self._loop.time(), self._transport.sendto):
+            return False
+        self.bytes_sent += len(data)
+        self.packets_sent_alone += 1
+        self._arm_timer()
+        return True
+
     def queue(self, frame: Frame) -> None:
         """Queue a frame without transmitting (call transmit() once after a batch of sends)."""
-        head, tensor = frame.head_and_tensor()
-        size = len(head) + (0 if tensor is None else tensor.nbytes)
         quic = self._quic
-        if size <= SHARED_STREAM_FRAME_LIMIT:
-            # One write: a copy of a few KB costs less than a second send_stream_data.
-            data = head if tensor is None else head + tensor_bytes(tensor)
+        head, tensor = frame.head_and_tensor()
+        data = _shared_stream_bytes(head, tensor)
+        if data is not None:
             quic.send_stream_data(self._shared_stream_id(), data)
+            self.bytes_sent += len(data)
         else:
             payload = None if tensor is None else tensor_view(tensor)
             # Unidirectional: a stream is done (and its credit returned) once its FIN is read;
@@ -223,7 +246,7 @@ class MeshConnection(QuicConnectionProtocol):
             quic.send_stream_data(stream_id, head, end_stream=payload is None)
             if payload is not None:
                 quic.send_stream_data(stream_id, payload, end_stream=True)
-        self.bytes_sent += size
+            self.bytes_sent += len(head) + (0 if payload is None else len(payload))
         self._piggyback_ack()
 
     def _shared_stream_id(self) -> int:
@@ -237,8 +260,8 @@ class MeshConnection(QuicConnectionProtocol):
         """Send a pending ACK inside the frame's packet, instead of alone when its delay
         expires (a datagram saved each way in a request/answer exchange), once two packets
         wait for it: an ACK for every other packet, as RFC 9000 section 13.2.2 recommends,
-        halves the ACK frames to build and process; a lone packet is acknowledged by its
-        timer (1 ms) or by the next frame after the next packet."""
+        halves the ACK frames to build and process; a lone packet is acknowledged by the next
+        frame after the next packet, or by its timer (1 ms)."""
         space = self._application_space()
         if space is not None and space.ack_at is not None and self._unacknowledged >= 2:
             space.ack_at = 0.0
@@ -320,6 +343,8 @@ class MeshConnection(QuicConnectionProtocol):
         waiting = space is not None and space.ack_at is not None
         try:
             self._quic.receive_datagram(cast(bytes, data), addr, now=self._loop.time())
+            # Before the events: an answer sent alone while they are handled adds to it.
+            in_flight_changed = self._quic._loss.bytes_in_flight != in_flight
             self._count_unacknowledged(space, waiting)
             self._process_events()
         finally:
@@ -328,14 +353,14 @@ class MeshConnection(QuicConnectionProtocol):
         if self._answered:
             self.transmit()  # answers leave at once, with the ACK
         elif (
-            quic._loss.bytes_in_flight != in_flight
+            (in_flight_changed and not only_due(quic, None))
             or not quic._handshake_confirmed
             or quic._streams_blocked_uni
             or quic._streams_blocked_bidi
         ):
-            # Acknowledged or lost packets open the window, the handshake goes on, or streams
-            # wait for credit the datagram may carry: send soon. A frame that a task sends in
-            # this loop turn (the reply a request awaited) carries this transmit along with it.
+            # Acknowledged or lost packets open the window for something that waits, the
+            # handshake goes on, or streams wait for credit the datagram may carry: send
+            # soon. A frame that a task sends in this loop turn (the reply a request awaited) carries this transmit along with it.
             self._transmit_soon()
         else:
             # Data that changed nothing on our side (the bulk of a transfer we receive): its ACK
@@ -511,6 +536,16 @@ class MeshConnection(QuicConnectionProtocol):
     @property
     def closed(self) -> bool:
         return self._closed_reported
+
+
+def _shared_stream_bytes(head: bytes, tensor: torch.Tensor | Raw | None) -> bytes | None:
+    """A frame small enough to share the long-lived stream, as the one write it takes there (a
+    copy of a few KB costs less than a second write); None for a large frame."""
+    if tensor is None:
+        return head if len(head) <= SHARED_STREAM_FRAME_LIMIT else None
+    if len(head) + tensor.nbytes > SHARED_STREAM_FRAME_LIMIT:
+        return None
+    return head + tensor_bytes(tensor)
 
 
 def connection_factory(handler: FrameHandler, token: str) -> Callable[..., MeshConnection]:

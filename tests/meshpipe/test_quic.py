@@ -15,7 +15,7 @@ from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import StreamDataReceived
 from aioquic.quic.packet_builder import QuicPacketBuilder
 
-from meshpipe.identity import Identity, load_or_create_identity, new_join_token
+from meshpipe.identity import Identity, new_join_token
 from meshpipe.quic import (
     LAN_DATAGRAM_SIZE,
     LOOPBACK_DATAGRAM_SIZE,
@@ -73,12 +73,6 @@ async def eventually(condition: Callable[[], bool], seconds: float = SECONDS) ->
             await asyncio.sleep(0.01)
 
     await asyncio.wait_for(poll(), seconds)
-
-
-@pytest.fixture(scope="module")
-def identities(tmp_path_factory: pytest.TempPathFactory) -> tuple[Identity, Identity]:
-    directory = tmp_path_factory.mktemp("quic-identities")
-    return load_or_create_identity(directory, "server"), load_or_create_identity(directory, "peer")
 
 
 @contextlib.asynccontextmanager

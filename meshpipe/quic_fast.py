@@ -1,0 +1,174 @@
+"""The hand-off's send path: a small frame written as one 1-RTT packet by meshpipe, then
+aioquic's bookkeeping for it.
+
+aioquic builds every packet by asking each kind of frame whether it is due (ACK, path
+validation, connection IDs, limits, pings, crypto, datagrams, every stream) through
+`QuicPacketBuilder`, all in Python: most of a decode hop's CPU time (docs/transport.md). When
+nothing but one small frame on the shared stream is due, `send_alone` writes that packet
+itself (an ACK inside it if one is due, as aioquic would), encrypts it with the connection's
+own keys, hands it to the socket, and only then records it where aioquic's `_flush_builder`
+and `_write_application` would have: the stream's sent range, connection credit, loss
+recovery (so a lost packet is retransmitted from the stream's buffer by aioquic, as any
+other), the idle deadline, the pacer and the path's byte count. If anything else is due, or
+the frame does not fit the congestion window, the credit or the datagram, it returns False
+before touching any state, and the caller takes aioquic's path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from aioquic.buffer import Buffer
+from aioquic.quic.connection import QuicConnection, QuicConnectionState
+from aioquic.quic.packet import QuicFrameType, QuicPacketType, push_ack_frame
+from aioquic.quic.packet_builder import QuicSentPacket
+from aioquic.quic.stream import QuicStream
+from aioquic.tls import Epoch
+
+FIXED_BIT = 0x40
+PACKET_NUMBER_BYTES = 2  # as aioquic sends them (packet_builder.PACKET_NUMBER_SEND_SIZE)
+AEAD_TAG_BYTES = 16
+STREAM_WITH_LENGTH = QuicFrameType.STREAM_BASE | 2
+STREAM_OFFSET_BIT = 4
+STREAM_HEADER_ROOM = 25  # type, stream id, offset and length: at most 1 + 3 * 8 bytes
+ACK_ROOM = 64  # push_ack_frame needs room for four 8-byte fields; older ranges are left out
+
+
+def send_alone(
+    quic: QuicConnection,
+    stream: QuicStream,
+    data: bytes,
+    now: float,
+    sendto: Callable[[bytes, Any], None],
+) -> bool:
+    """Send `data` on `stream` in a packet of its own if nothing else is due; False (and no
+    change anywhere) otherwise."""
+    sender = stream.sender
+    offset, size = sender._buffer_stop, len(data)
+    if (
+        len(sender._pending)
+        or sender._pending_eof
+        or sender._buffer_fin is not None
+        or sender._reset_error_code is not None
+        or sender.highest_offset != offset
+        or stream.is_blocked
+        or offset + size > stream.max_stream_data_remote
+        or quic._remote_max_data_used + size > quic._remote_max_data
+        or not only_due(quic, stream)
+    ):
+        return False
+    space = quic._spaces[Epoch.ONE_RTT]
+    pn = quic._packet_number
+    ack = space.ack_at is not None and space.ack_at <= now
+    if ack:
+        if len(space.ack_queue) > 1 and pn % 8 == 0:
+            return False  # aioquic adds its ACK-of-ACK PING to this packet
+    elif quic._loss._pacer.next_send_time(now=now) is not None:
+        return False  # aioquic paces a packet without an ACK in it
+
+    crypto = quic._cryptos[Epoch.ONE_RTT]
+    peer_cid = quic._peer_cid.cid
+    room = quic._max_datagram_size - 1 - len(peer_cid) - PACKET_NUMBER_BYTES - AEAD_TAG_BYTES
+    if size + STREAM_HEADER_ROOM + (ACK_ROOM if ack else 0) > room:
+        return False
+    payload = Buffer(capacity=room)
+    if ack:
+        payload.push_uint_var(QuicFrameType.ACK)
+        delay = int((now - space.largest_received_time) * 1_000_000)
+        delay >>= quic._local_ack_delay_exponent
+        push_ack_frame(payload, space.ack_queue, delay, ACK_ROOM - 1)
+    payload.push_uint_var(STREAM_WITH_LENGTH | (STREAM_OFFSET_BIT if offset else 0))
+    payload.push_uint_var(stream.stream_id)
+    if offset:
+        payload.push_uint_var(offset)
+    payload.push_uint_var(size)
+    payload.push_bytes(data)
+    loss = quic._loss
+    datagram_size = len(peer_cid) + 3 + payload.tell() + AEAD_TAG_BYTES
+    if loss.bytes_in_flight + datagram_size > loss.congestion_window:
+        return False
+
+    first = FIXED_BIT | (quic._spin_bit << 5) | (crypto.key_phase << 2) | (PACKET_NUMBER_BYTES - 1)
+    header = bytes((first,)) + peer_cid + (pn & 0xFFFF).to_bytes(2, "big")
+    datagram = crypto.encrypt_packet(header, payload.data, pn)
+    path = quic._network_paths[0]
+    sendto(datagram, path.addr)
+
+    # What aioquic's _write_application and _flush_builder record for a packet they send.
+    quic._packet_number = pn + 1
+    sender.write(data)
+    frame = sender.get_frame(size, offset + size)
+    assert frame is not None and frame.offset == offset and len(frame.data) == size
+    sender.buffer_is_empty = True  # what aioquic's next get_frame would find
+    quic._remote_max_data_used += size
+    handlers: list[tuple[Any, Any]] = [(sender.on_data_delivery, (offset, offset + size, False))]
+    if ack:
+        handlers.append((quic._on_ack_delivery, (space, space.largest_received_packet)))
+        space.ack_at = None
+    packet = QuicSentPacket(
+        epoch=Epoch.ONE_RTT,
+        in_flight=True,
+        is_ack_eliciting=True,
+        is_crypto_packet=False,
+        packet_number=pn,
+        packet_type=QuicPacketType.ONE_RTT,
+        sent_time=now,
+        sent_bytes=len(datagram),
+        delivery_handlers=handlers,
+    )
+    loss.on_packet_sent(packet=packet, space=space)
+    if not quic._ack_eliciting_sent_since_receipt:  # RFC 9000 section 10.1
+        quic._close_at = now + quic._idle_timeout()
+        quic._ack_eliciting_sent_since_receipt = True
+    loss._pacer.update_after_send(now=now)
+    path.bytes_sent += len(datagram)
+    quic._pacing_at = None
+    return True
+
+
+def only_due(quic: QuicConnection, ours: QuicStream | None) -> bool:
+    """Whether aioquic's next transmit would send nothing but an ACK and `ours`'s new data
+    (with None: nothing but an ACK): the conditions of `_write_application`,
+    `_write_connection_limits` and `_write_stream_limits`, in their order. A stream whose
+    data all went out but that aioquic has not found empty yet counts as due."""
+    path = quic._network_paths
+    if (
+        quic._state is not QuicConnectionState.CONNECTED
+        or not quic._handshake_confirmed
+        or quic._close_pending
+        or quic._quic_logger is not None
+        or len(path) != 1
+        or not path[0].is_validated
+        or path[0].remote_challenges
+        or (quic._is_client and quic._remote_preferred_address is not None)
+        or quic._handshake_done_pending
+        or quic._retire_connection_ids
+        or quic._streams_blocked_pending
+        or quic._ping_pending
+        or quic._probe_pending
+        or quic._datagrams_pending
+        or not quic._crypto_streams[Epoch.ONE_RTT].sender.buffer_is_empty
+    ):
+        return False
+    for connection_id in quic._host_cids:
+        if not connection_id.was_sent:
+            return False
+    max_data = quic._local_max_data
+    if max_data.used * 2 > max_data.value or max_data.value != max_data.sent:
+        return False
+    for limit in (quic._local_max_streams_bidi, quic._local_max_streams_uni):
+        if limit.value != limit.sent and limit.sent - limit.used < limit.value - limit.sent:
+            return False  # a MAX_STREAMS frame is due
+    for stream in quic._streams.values():
+        local = stream.max_stream_data_local
+        if (
+            local and stream.receiver.highest_offset * 2 > local
+        ) or stream.max_stream_data_local_sent != local:
+            return False  # a MAX_STREAM_DATA frame is due
+    for stream in quic._streams_queue:
+        if stream.is_finished or stream.receiver.stop_pending or stream.sender.reset_pending:
+            return False
+        if stream is not ours and not stream.is_blocked and not stream.sender.buffer_is_empty:
+            return False
+    return True
