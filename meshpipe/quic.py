@@ -207,20 +207,19 @@ class MeshConnection(QuicConnectionProtocol):
     def send(self, frame: Frame) -> None:
         """Send a frame now: a small one in a packet of its own where nothing else is due
         (meshpipe/quic_fast.py), anything else queued and transmitted by aioquic."""
-        if self._send_alone(frame):
+        head, tensor = frame.head_and_tensor()
+        data = _shared_stream_bytes(head, tensor)
+        if data is not None and self._send_alone(data):
             return
-        self.queue(frame)
+        self._queue(head, tensor, data)
         if self._receiving:  # datagram_received transmits once, after all events
             self._answered = True
         else:
             self.transmit()
 
-    def _send_alone(self, frame: Frame) -> bool:
+    def _send_alone(self, data: bytes) -> bool:
         stream = self._quic._streams.get(self._shared_stream)  # type: ignore[arg-type]
         if stream is None:  # the first small frame opens the stream through aioquic
-            return False
-        data = _shared_stream_bytes(*frame.head_and_tensor())
-        if data is None:
             return False
         self._piggyback_ack()
         if not send_alone(self._quic, stream, data, self._loop.time(), self._transport.sendto):
@@ -232,9 +231,12 @@ class MeshConnection(QuicConnectionProtocol):
 
     def queue(self, frame: Frame) -> None:
         """Queue a frame without transmitting (call transmit() once after a batch of sends)."""
-        quic = self._quic
         head, tensor = frame.head_and_tensor()
-        data = _shared_stream_bytes(head, tensor)
+        self._queue(head, tensor, _shared_stream_bytes(head, tensor))
+
+    def _queue(self, head: bytes, tensor: torch.Tensor | Raw | None, data: bytes | None) -> None:
+        """`data`: the frame as its one write on the shared stream, None for a large frame."""
+        quic = self._quic
         if data is not None:
             quic.send_stream_data(self._shared_stream_id(), data)
             self.bytes_sent += len(data)

@@ -435,6 +435,27 @@ def pumped_pair(identities: tuple[Identity, Identity]) -> tuple[QuicConnection, 
     return asyncio.run(make())
 
 
+def deliver_with_faults(
+    deliver: Callable[[bytes], None], datagrams: list[bytes], step: int, held: bytes | None
+) -> bytes | None:
+    """One step's datagrams, delivered badly: all of them lost at steps 3 mod 5, one held back
+    at steps 1 mod 6 (it arrives after the next one), each delivered twice at steps 0 mod 7.
+    Returns the datagram still held back."""
+    for data in datagrams:
+        if step % 5 == 3:
+            continue  # lost
+        if step % 6 == 1 and held is None:
+            held = data  # arrives after the next one
+            continue
+        deliver(data)
+        if step % 7 == 0:
+            deliver(data)  # duplicated
+        if held is not None and held is not data:
+            deliver(held)
+            held = None
+    return held
+
+
 def test_lost_duplicated_and_reordered_datagrams_lose_nothing(
     identities: tuple[Identity, Identity],
 ) -> None:
@@ -455,18 +476,10 @@ def test_lost_duplicated_and_reordered_datagrams_lose_nothing(
             chunk = bytes([step]) * (1000 + 97 * step)
             client.send_stream_data(2, chunk)
             sent += chunk
-            for data, _ in client.datagrams_to_send(now=now):
-                if step % 5 == 3:
-                    continue  # lost
-                if step % 6 == 1 and held is None:
-                    held = data  # arrives after the next one
-                    continue
-                deliver(server, data, now)
-                if step % 7 == 0:
-                    deliver(server, data, now)  # duplicated
-                if held is not None and held is not data:
-                    deliver(server, held, now)
-                    held = None
+            datagrams = [data for data, _ in client.datagrams_to_send(now=now)]
+            held = deliver_with_faults(
+                lambda data, now=now: deliver(server, data, now), datagrams, step, held
+            )
             for data, _ in server.datagrams_to_send(now=now):
                 deliver(client, data, now)
             now += 0.0005

@@ -17,7 +17,14 @@ from meshpipe.identity import Identity, new_join_token
 from meshpipe.quic import Dialer, bound_port
 from meshpipe.quic_fast import send_alone
 from meshpipe.wire import Frame, Kind
-from tests.meshpipe.test_quic import HOST, Recorder, mesh_server, pumped_pair, run
+from tests.meshpipe.test_quic import (
+    HOST,
+    Recorder,
+    deliver_with_faults,
+    mesh_server,
+    pumped_pair,
+    run,
+)
 
 
 def deliver(receiver: QuicConnection, data: bytes, now: float) -> None:
@@ -125,18 +132,9 @@ def test_lost_duplicated_and_reordered_packets_sent_alone_lose_nothing(
                 client.send_stream_data(6, big)
                 large += big
             out += [data for data, _ in client.datagrams_to_send(now=now)]
-            for data in out:
-                if step % 5 == 3:
-                    continue  # lost
-                if step % 6 == 1 and held is None:
-                    held = data  # arrives after the next one
-                    continue
-                deliver(server, data, now)
-                if step % 7 == 0:
-                    deliver(server, data, now)  # duplicated
-                if held is not None and held is not data:
-                    deliver(server, held, now)
-                    held = None
+            held = deliver_with_faults(
+                lambda data, now=now: deliver(server, data, now), out, step, held
+            )
             pump(server, client, now)
             now += 0.0005
         for _ in range(300):  # loss recovery, without losses now
