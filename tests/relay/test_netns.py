@@ -254,10 +254,19 @@ def relayed(
         # NAT'd stage 1.
         wait_until(lambda: cluster.status()["pipeline"]["workers"], 60, "pub-worker never joined")
         topology.meshpipe(topology.lan, *worker, "--host", PRIVATE, "--id", "nat-worker")
-        wait_until(lambda: cluster.status()["pipeline"]["ready"], 60, "no relayed pipeline")
+        # Not just "ready": if the NAT'd worker is slow to start (a loaded machine), the gateway
+        # plans over pub-worker alone once its join grace has passed, and that route is ready
+        # before nat-worker has even registered with the relay.
+        wait_until(lambda: relayed_route(cluster.status()), 90, "no relayed pipeline")
         yield cluster
     finally:
         topology.destroy()
+
+
+def relayed_route(status: dict) -> bool:
+    pipeline = status["pipeline"]
+    stages = [stage["worker_id"] for stage in pipeline["stages"]]
+    return pipeline["ready"] and stages == ["pub-worker", "nat-worker"]
 
 
 def test_nat_worker_cannot_be_reached_from_outside(relayed: RelayedCluster) -> None:
