@@ -91,6 +91,9 @@ REFUSED_STREAM_ERROR = 0x10
 IDLE_TIMEOUT = 30.0
 KEEPALIVE_INTERVAL = 5.0
 HELLO_TIMEOUT = 10.0
+# How long the ACK of a lone packet waits for a frame to carry it (see _delay_lone_ack): below
+# the 25 ms max_ack_delay that aioquic announces, which the peer's loss timer allows for.
+LONE_ACK_DELAY = 0.020
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +266,7 @@ class MeshConnection(QuicConnectionProtocol):
         expires (a datagram saved each way in a request/answer exchange), once two packets
         wait for it: an ACK for every other packet, as RFC 9000 section 13.2.2 recommends,
         halves the ACK frames to build and process; a lone packet is acknowledged by the next
-        frame after the next packet, or by its timer (1 ms)."""
+        frame after the next packet, or by its timer (`_delay_lone_ack`)."""
         space = self._application_space()
         if space is not None and space.ack_at is not None and self._unacknowledged >= 2:
             space.ack_at = 0.0
@@ -281,6 +284,22 @@ class MeshConnection(QuicConnectionProtocol):
         ACK sooner."""
         if space is not None and space.ack_at is not None:
             self._unacknowledged = self._unacknowledged + 1 if waiting else 1
+
+    def _delay_lone_ack(self, space: QuicPacketSpace | None, waiting: bool, now: float) -> None:
+        """aioquic acknowledges a packet after 1 ms, before most answers are ready: in a
+        request/answer exchange every frame was followed by a datagram of an ACK alone each
+        way, a packet to build and one to parse. A lone packet's ACK now waits for the next
+        frame sent (`_piggyback_ack` puts it in once a second packet waits too) or for
+        LONE_ACK_DELAY; from the second packet on, aioquic's 1 ms holds again, so a bulk
+        transfer's sender is acknowledged as promptly as before. Only once the link is
+        authenticated: a peer whose handshake is not confirmed yet leaves the ACK delay out of
+        its loss timer, and would take a waiting ACK for a lost packet."""
+        if space is None or space.ack_at is None or not self.authenticated:
+            return
+        if not waiting:
+            space.ack_at = now + LONE_ACK_DELAY
+        elif self._unacknowledged == 2:
+            space.ack_at = min(space.ack_at, now + self._quic._ack_delay)
 
     def transmit(self) -> None:
         """Send what is due now; a transmit scheduled for later has nothing left to do."""
@@ -344,10 +363,12 @@ class MeshConnection(QuicConnectionProtocol):
         space = self._application_space()
         waiting = space is not None and space.ack_at is not None
         try:
-            self._quic.receive_datagram(cast(bytes, data), addr, now=self._loop.time())
+            now = self._loop.time()
+            self._quic.receive_datagram(cast(bytes, data), addr, now=now)
             # Before the events: an answer sent alone while they are handled adds to it.
             in_flight_changed = self._quic._loss.bytes_in_flight != in_flight
             self._count_unacknowledged(space, waiting)
+            self._delay_lone_ack(space, waiting, now)
             self._process_events()
         finally:
             self._receiving = False
