@@ -28,6 +28,7 @@ from aioquic.asyncio import QuicConnectionProtocol, connect
 from aioquic.asyncio.server import QuicServer
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.congestion.base import create_congestion_control
+from aioquic.quic.connection import QuicConnectionState
 from aioquic.quic.events import (
     ConnectionTerminated,
     QuicEvent,
@@ -45,7 +46,7 @@ from meshpipe.identity import (
     check_proof,
     join_proof,
 )
-from meshpipe.quic_fast import only_due, send_alone
+from meshpipe.quic_fast import only_due, peek, send_alone
 from meshpipe.quic_packets import use_wide_frames_if_needed, write_without_empty_packet
 from meshpipe.wire import (
     DEFAULT_MAX_PAYLOAD_BYTES,
@@ -194,6 +195,10 @@ class MeshConnection(QuicConnectionProtocol):
         self.peer: dict[str, Any] = {}
         self.max_payload = DEFAULT_MAX_PAYLOAD_BYTES
         self._decoders: dict[int, FrameDecoder | None] = {}
+        # Per stream: bytes aioquic delivered, and bytes handed to its decoder (a peek may
+        # have fed some before aioquic delivered them), see _peek.
+        self._delivered: dict[int, int] = {}
+        self._fed: dict[int, int] = {}
         self._shared_stream: int | None = None  # opened by the first small frame
         self._unacknowledged = 0  # datagrams received since our last ACK, see _piggyback_ack
         self._space: QuicPacketSpace | None = None  # see _application_space
@@ -204,6 +209,8 @@ class MeshConnection(QuicConnectionProtocol):
         self.bytes_sent = 0
         self.bytes_received = 0
         self.packets_sent_alone = 0  # small frames sent by meshpipe/quic_fast.py
+        self.packets_peeked = 0  # packets whose frames were handed on before aioquic's receipt
+        self._peeking = 0  # 1 while a peeked packet's frames are handled
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -264,11 +271,17 @@ class MeshConnection(QuicConnectionProtocol):
     def _piggyback_ack(self) -> None:
         """Send a pending ACK inside the frame's packet, instead of alone when its delay
         expires (a datagram saved each way in a request/answer exchange), once two packets
-        wait for it: an ACK for every other packet, as RFC 9000 section 13.2.2 recommends,
-        halves the ACK frames to build and process; a lone packet is acknowledged by the next
-        frame after the next packet, or by its timer (`_delay_lone_ack`)."""
+        wait for it, or one has waited as long as aioquic would have (1 ms): frames sent
+        back to back acknowledge every other packet, as RFC 9000 section 13.2.2 recommends,
+        which halves the ACK frames to build and process, and frames paced further apart
+        carry every ACK. A lone packet's ACK otherwise waits (`_delay_lone_ack`)."""
         space = self._application_space()
-        if space is not None and space.ack_at is not None and self._unacknowledged >= 2:
+        if space is None or space.ack_at is None:
+            return
+        # A frame sent while a packet is peeked (see _peek): that packet waits for an ACK too.
+        waiting = self._unacknowledged + self._peeking
+        quic = self._quic
+        if waiting >= 2 or self._loop.time() - space.largest_received_time >= quic._ack_delay:
             space.ack_at = 0.0
 
     def _application_space(self) -> QuicPacketSpace | None:
@@ -279,11 +292,15 @@ class MeshConnection(QuicConnectionProtocol):
         return self._space
 
     def _count_unacknowledged(self, space: QuicPacketSpace | None, waiting: bool) -> None:
-        """After a received datagram: how many datagrams our next ACK would cover. It errs
-        high (a datagram of ACKs alone counts if an ACK was pending), which only sends an
-        ACK sooner."""
+        """After a received datagram: how many packets that need an ACK our next ACK would
+        cover. One that set no ACK timer and brought no event (an ACK alone, which needs
+        none) does not count: counted, the peer's lone ACK made ours leave alone after 1 ms
+        too. A PING while an ACK waits does not count either, and is acknowledged with it."""
         if space is not None and space.ack_at is not None:
-            self._unacknowledged = self._unacknowledged + 1 if waiting else 1
+            if not waiting:
+                self._unacknowledged = 1
+            elif self._quic._events:
+                self._unacknowledged += 1
 
     def _delay_lone_ack(self, space: QuicPacketSpace | None, waiting: bool, now: float) -> None:
         """aioquic acknowledges a packet after 1 ms, before most answers are ready: in a
@@ -356,6 +373,53 @@ class MeshConnection(QuicConnectionProtocol):
         use_wide_frames_if_needed(quic)
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        if self.authenticated and self._peek(cast(bytes, data), addr):
+            # aioquic's own receipt of it, before the loop reads the next datagram: its
+            # callback is queued ahead of the socket's next read.
+            self._loop.call_soon(self._receive, data, addr)
+        else:
+            self._receive(data, addr)
+
+    def _peek(self, data: bytes, addr: Any) -> bool:
+        """Hand on the frames of a packet before aioquic's receipt runs (the frame's answer
+        then leaves first): its STREAM data that continues exactly what each stream's decoder
+        has had, within the stream's credit. True if any was fed; aioquic must then receive
+        the datagram after, and _stream_data drops what was fed already."""
+        quic = self._quic
+        if quic._state is not QuicConnectionState.CONNECTED or not quic._handshake_confirmed:
+            return False
+        frames = peek(quic, data, addr)
+        if not frames:
+            return False
+        fed = False
+        for stream_id, offset, chunk in frames:
+            decoder = self._decoders.get(stream_id)
+            stream = quic._streams.get(stream_id)
+            if (
+                decoder is None
+                or stream is None
+                or self._fed.get(stream_id) != offset
+                or offset + len(chunk) > stream.max_stream_data_local
+            ):
+                continue
+            self._fed[stream_id] = offset + len(chunk)
+            fed = True
+            try:
+                received = decoder.feed(chunk)
+            except FrameError as error:
+                self._refuse(stream_id, error, False)
+                continue
+            self._peeking = 1
+            try:
+                for frame in received:
+                    self._dispatch(frame)
+            finally:
+                self._peeking = 0
+        if fed:
+            self.packets_peeked += 1
+        return fed
+
+    def _receive(self, data: bytes | str, addr: Any) -> None:
         if not self._path_known:
             self._fit_datagrams_to(addr[0])
         self._receiving, self._answered = True, False
@@ -420,7 +484,7 @@ class MeshConnection(QuicConnectionProtocol):
         if isinstance(event, StreamDataReceived):
             self._stream_data(event)
         elif isinstance(event, StreamReset):
-            self._decoders.pop(event.stream_id, None)
+            self._forget_stream(event.stream_id)
         elif isinstance(event, StopSendingReceived) and event.stream_id == self._shared_stream:
             # The peer refused a frame on it and aioquic reset it: later frames take a new one.
             self._shared_stream = None
@@ -436,26 +500,38 @@ class MeshConnection(QuicConnectionProtocol):
         self.bytes_received += len(data)
         if stream_id not in self._decoders:
             self._decoders[stream_id] = FrameDecoder(self.max_payload)
+        delivered = self._delivered.get(stream_id, 0)
+        fed = self._fed.get(stream_id, 0)
+        end = delivered + len(data)
+        self._delivered[stream_id] = end
+        if fed > delivered:  # a peek fed the start of it already
+            data = data[fed - delivered :]
+        self._fed[stream_id] = max(fed, end)
         decoder = self._decoders[stream_id]
         if decoder is None:  # a stream already refused: ignore the rest of it
             if end_stream:
-                del self._decoders[stream_id]
+                self._forget_stream(stream_id)
             return
         try:
-            frames = decoder.feed(data)
+            frames = decoder.feed(data) if data else []
             if end_stream:
                 decoder.finish()
-                del self._decoders[stream_id]
+                self._forget_stream(stream_id)
         except FrameError as error:
             self._refuse(stream_id, error, end_stream)
             return
         for frame in frames:
             self._dispatch(frame)
 
+    def _forget_stream(self, stream_id: int) -> None:
+        self._decoders.pop(stream_id, None)
+        self._delivered.pop(stream_id, None)
+        self._fed.pop(stream_id, None)
+
     def _refuse(self, stream_id: int, error: FrameError, end_stream: bool) -> None:
         log.warning("refused a frame from %s: %s", self.peer.get("node_id", "?"), error)
         if end_stream:
-            self._decoders.pop(stream_id, None)
+            self._forget_stream(stream_id)
         else:
             # The rest of the stream cannot be framed: ignore it, and have the peer stop it (its
             # later small frames then move to a new long-lived stream).

@@ -1,5 +1,6 @@
-"""The hand-off's send path: a small frame written as one 1-RTT packet by meshpipe, then
-aioquic's bookkeeping for it.
+"""The hand-off's fast paths around aioquic: a small frame written as one 1-RTT packet by
+meshpipe, then aioquic's bookkeeping for it (`send_alone`); and a received packet's stream
+data read before aioquic's own receipt runs (`peek`).
 
 aioquic builds every packet by asking each kind of frame whether it is due (ACK, path
 validation, connection IDs, limits, pings, crypto, datagrams, every stream) through
@@ -12,6 +13,11 @@ recovery (so a lost packet is retransmitted from the stream's buffer by aioquic,
 other), the idle deadline, the pacer and the path's byte count. If anything else is due, or
 the frame does not fit the congestion window, the credit or the datagram, it returns False
 before touching any state, and the caller takes aioquic's path.
+
+`peek` decrypts a received 1-RTT packet with the connection's own keys, changing nothing, and
+returns its STREAM frames if it holds nothing else but PADDING, PING and ACK frames; the
+caller hands the data on at once and gives aioquic the same datagram right after, which then
+does all of its bookkeeping (ACKs, loss recovery, credit) as for any packet.
 """
 
 from __future__ import annotations
@@ -172,3 +178,56 @@ def only_due(quic: QuicConnection, ours: QuicStream | None) -> bool:
         if stream is not ours and not stream.is_blocked and not stream.sender.buffer_is_empty:
             return False
     return True
+
+
+STREAM_BASE = int(QuicFrameType.STREAM_BASE)
+RESERVED_BITS = 0x18  # of a short header: zero, or aioquic closes the connection
+
+
+def peek(quic: QuicConnection, data: bytes, addr: Any) -> list[tuple[int, int, bytes]] | None:
+    """The STREAM frames of `data` as (stream id, offset, bytes), if it is one 1-RTT packet
+    of the current key phase, on the connection's one path, whose frames are all PADDING,
+    PING, ACK or STREAM without FIN; None otherwise. No state of `quic` changes."""
+    host_cid = quic.host_cid
+    start = 1 + len(host_cid)
+    path = quic._network_paths
+    if (
+        data[0] & 0x80  # a long header: the handshake's, aioquic's alone
+        or len(data) < start + 20
+        or data[1:start] != host_cid
+        or len(path) != 1
+        or path[0].addr != addr
+    ):
+        return None
+    space = quic._spaces[Epoch.ONE_RTT]
+    try:
+        header, payload, pn, new_phase = quic._cryptos[Epoch.ONE_RTT].recv.decrypt_packet(
+            data, start, space.largest_received_packet + 1
+        )
+    except Exception:  # noqa: BLE001 - any packet aioquic would drop or refuse, it will
+        return None
+    if new_phase or header[0] & RESERVED_BITS or pn in space.received_packets:
+        return None
+    buf = Buffer(data=payload)
+    frames: list[tuple[int, int, bytes]] = []
+    try:
+        while not buf.eof():
+            kind = buf.pull_uint_var()
+            if kind == QuicFrameType.PADDING or kind == QuicFrameType.PING:
+                continue
+            if kind == QuicFrameType.ACK or kind == QuicFrameType.ACK_ECN:
+                buf.pull_uint_var()  # largest acknowledged
+                buf.pull_uint_var()  # delay
+                ranges = buf.pull_uint_var()
+                for _ in range(1 + 2 * ranges + (3 if kind == QuicFrameType.ACK_ECN else 0)):
+                    buf.pull_uint_var()
+                continue
+            if kind & ~7 != STREAM_BASE or kind & 1:  # not STREAM, or with FIN
+                return None
+            stream_id = buf.pull_uint_var()
+            offset = buf.pull_uint_var() if kind & STREAM_OFFSET_BIT else 0
+            size = buf.pull_uint_var() if kind & 2 else buf.capacity - buf.tell()
+            frames.append((stream_id, offset, buf.pull_bytes(size)))
+    except Exception:  # noqa: BLE001 - malformed: aioquic closes the connection for it
+        return None
+    return frames
