@@ -35,8 +35,10 @@ from aioquic.tls import Epoch
 FIXED_BIT = 0x40
 PACKET_NUMBER_BYTES = 2  # as aioquic sends them (packet_builder.PACKET_NUMBER_SEND_SIZE)
 AEAD_TAG_BYTES = 16
-STREAM_WITH_LENGTH = QuicFrameType.STREAM_BASE | 2
+STREAM_FIN_BIT = 1
+STREAM_LENGTH_BIT = 2
 STREAM_OFFSET_BIT = 4
+STREAM_WITH_LENGTH = QuicFrameType.STREAM_BASE | STREAM_LENGTH_BIT
 STREAM_HEADER_ROOM = 25  # type, stream id, offset and length: at most 1 + 3 * 8 bytes
 ACK_ROOM = 64  # push_ack_frame needs room for four 8-byte fields; older ranges are left out
 
@@ -222,11 +224,11 @@ def peek(quic: QuicConnection, data: bytes, addr: Any) -> list[tuple[int, int, b
                 for _ in range(1 + 2 * ranges + (3 if kind == QuicFrameType.ACK_ECN else 0)):
                     buf.pull_uint_var()
                 continue
-            if kind & ~7 != STREAM_BASE or kind & 1:  # not STREAM, or with FIN
+            if kind & ~7 != STREAM_BASE or kind & STREAM_FIN_BIT:  # not STREAM, or FIN
                 return None
             stream_id = buf.pull_uint_var()
             offset = buf.pull_uint_var() if kind & STREAM_OFFSET_BIT else 0
-            size = buf.pull_uint_var() if kind & 2 else buf.capacity - buf.tell()
+            size = buf.pull_uint_var() if kind & STREAM_LENGTH_BIT else buf.capacity - buf.tell()
             frames.append((stream_id, offset, buf.pull_bytes(size)))
     except Exception:  # noqa: BLE001 - malformed: aioquic closes the connection for it
         return None

@@ -6,6 +6,8 @@ conditions; over real sockets on loopback for the links that use it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -207,24 +209,36 @@ def test_send_alone_declines_and_changes_nothing_when_more_is_due(
         assert declines()
 
 
+@contextlib.asynccontextmanager
+async def linked(
+    identities: tuple[Identity, Identity], server: Recorder, client: Recorder
+) -> AsyncIterator[tuple[MeshConnection, MeshConnection]]:
+    """A link over real sockets on loopback: the dialing connection and the accepted one."""
+    server_identity, peer_identity = identities
+    token = new_join_token()
+    async with mesh_server(server_identity, server, token) as listening:
+        dialer = Dialer(peer_identity, token)
+        connection = await dialer.dial(HOST, bound_port(listening), client, {"node_id": "p"})
+        (accepted,) = set(listening._protocols.values())
+        try:
+            yield connection, accepted
+        finally:
+            await dialer.close()
+
+
 def test_links_send_small_frames_alone_at_both_ends(
     identities: tuple[Identity, Identity],
 ) -> None:
     """Request and answer over real sockets: each small frame is a packet of its own at both
     ends, most ACKs ride in them, and the answers stay right and in order around a large
     frame."""
-    server_identity, peer_identity = identities
-    token = new_join_token()
     exchanges = 60
 
     async def scenario() -> None:
         server, client = Recorder(echo=True), Recorder()
-        async with mesh_server(server_identity, server, token) as listening:
-            dialer = Dialer(peer_identity, token)
-            connection = await dialer.dial(HOST, bound_port(listening), client, {"node_id": "p"})
-            (accepted,) = set(listening._protocols.values())
+        async with linked(identities, server, client) as (connection, accepted):
             datagrams = 0
-            for transport in (connection._transport, listening._transport):
+            for transport in (connection._transport, accepted._transport):
                 send = transport.sendto
 
                 def counting(data: bytes, addr: Any = None, send: Any = send) -> None:
@@ -252,7 +266,6 @@ def test_links_send_small_frames_alone_at_both_ends(
             # The server answered from its peek at the request, before aioquic's receipt.
             assert accepted.packets_peeked >= exchanges - 3
             assert connection.packets_peeked >= exchanges - 3
-            await dialer.close()
 
     run(scenario)
 
@@ -277,17 +290,10 @@ def test_a_lone_packets_ack_waits_for_a_frame_and_a_second_ones_does_not(
 ) -> None:
     """One way only: the ACK of a lone packet waits LONE_ACK_DELAY for a frame to carry it,
     the next packet's goes after aioquic's 1 ms, and the sender sees its data acknowledged."""
-    server_identity, peer_identity = identities
-    token = new_join_token()
 
     async def scenario() -> None:
         server = Recorder()
-        async with mesh_server(server_identity, server, token) as listening:
-            dialer = Dialer(peer_identity, token)
-            connection = await dialer.dial(
-                HOST, bound_port(listening), Recorder(), {"node_id": "p"}
-            )
-            (accepted,) = set(listening._protocols.values())
+        async with linked(identities, server, Recorder()) as (connection, accepted):
             await asyncio.sleep(0.1)  # the handshake's and HELLO's ACKs are all out
             assert ack_wait(accepted) is None
             connection.send(Frame(Kind.ECHO, 1, {}, torch.ones(576)))
@@ -302,7 +308,6 @@ def test_a_lone_packets_ack_waits_for_a_frame_and_a_second_ones_does_not(
                 await asyncio.sleep(0.001)
             assert connection.buffered_bytes() == 0
             assert len(server.of_kind(Kind.ECHO)) == 2
-            await dialer.close()
 
     run(scenario)
 
@@ -387,18 +392,13 @@ def test_peeked_links_lose_nothing_to_loss_duplication_and_reordering(
     """Small frames both ways over real sockets whose datagrams are lost, duplicated and
     reordered: frames handed on from peeks and from aioquic's receipts together arrive each
     once and in order."""
-    server_identity, peer_identity = identities
-    token = new_join_token()
     count = 150
 
     async def scenario() -> None:
         server, client = Recorder(echo=True), Recorder()
-        async with mesh_server(server_identity, server, token) as listening:
-            dialer = Dialer(peer_identity, token)
-            connection = await dialer.dial(HOST, bound_port(listening), client, {"node_id": "p"})
-            (accepted,) = set(listening._protocols.values())
+        async with linked(identities, server, client) as (connection, accepted):
             Faulty(connection._transport)
-            Faulty(listening._transport)
+            Faulty(accepted._transport)
             for index in range(1, count + 1):
                 connection.send(Frame(Kind.ECHO, index, {"i": index}, torch.full((64,), index)))
                 if index % 3 == 0:
@@ -410,6 +410,5 @@ def test_peeked_links_lose_nothing_to_loss_duplication_and_reordering(
                 assert all(int(frame.tensor[0]) == frame.meta["i"] for frame in frames)
             assert 0 < accepted.packets_peeked < count  # some data came after a gap
             assert connection.packets_peeked > 0
-            await dialer.close()
 
     run(scenario)
