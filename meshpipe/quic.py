@@ -46,7 +46,7 @@ from meshpipe.identity import (
     check_proof,
     join_proof,
 )
-from meshpipe.quic_fast import only_due, peek, send_alone
+from meshpipe.quic_fast import PeekedDecryption, only_due, peek, send_alone
 from meshpipe.quic_packets import use_wide_frames_if_needed, write_without_empty_packet
 from meshpipe.wire import (
     DEFAULT_MAX_PAYLOAD_BYTES,
@@ -211,6 +211,7 @@ class MeshConnection(QuicConnectionProtocol):
         self.packets_sent_alone = 0  # small frames sent by meshpipe/quic_fast.py
         self.packets_peeked = 0  # packets whose frames were handed on before aioquic's receipt
         self._peeking = 0  # 1 while a peeked packet's frames are handled
+        self._decrypted: PeekedDecryption | None = None  # see _peek
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -388,7 +389,9 @@ class MeshConnection(QuicConnectionProtocol):
         quic = self._quic
         if quic._state is not QuicConnectionState.CONNECTED or not quic._handshake_confirmed:
             return False
-        frames = peek(quic, data, addr)
+        if self._decrypted is None:  # the 1-RTT keys exist once the handshake is confirmed
+            self._decrypted = PeekedDecryption(quic)
+        frames = peek(quic, data, addr, self._decrypted)
         if not frames:
             return False
         fed = False

@@ -17,7 +17,8 @@ before touching any state, and the caller takes aioquic's path.
 `peek` decrypts a received 1-RTT packet with the connection's own keys, changing nothing, and
 returns its STREAM frames if it holds nothing else but PADDING, PING and ACK frames; the
 caller hands the data on at once and gives aioquic the same datagram right after, which then
-does all of its bookkeeping (ACKs, loss recovery, credit) as for any packet.
+does all of its bookkeeping (ACKs, loss recovery, credit) as for any packet. The packet is
+decrypted once: `reuse_peeked_decryption` hands peek's result to aioquic's receipt of it.
 """
 
 from __future__ import annotations
@@ -186,10 +187,13 @@ STREAM_BASE = int(QuicFrameType.STREAM_BASE)
 RESERVED_BITS = 0x18  # of a short header: zero, or aioquic closes the connection
 
 
-def peek(quic: QuicConnection, data: bytes, addr: Any) -> list[tuple[int, int, bytes]] | None:
+def peek(
+    quic: QuicConnection, data: bytes, addr: Any, decrypted: PeekedDecryption | None = None
+) -> list[tuple[int, int, bytes]] | None:
     """The STREAM frames of `data` as (stream id, offset, bytes), if it is one 1-RTT packet
     of the current key phase, on the connection's one path, whose frames are all PADDING,
-    PING, ACK or STREAM without FIN; None otherwise. No state of `quic` changes."""
+    PING, ACK or STREAM without FIN; None otherwise. No state of `quic` changes; the
+    decryption is left in `decrypted` for aioquic's receipt of the packet."""
     host_cid = quic.host_cid
     start = 1 + len(host_cid)
     path = quic._network_paths
@@ -202,14 +206,17 @@ def peek(quic: QuicConnection, data: bytes, addr: Any) -> list[tuple[int, int, b
     ):
         return None
     space = quic._spaces[Epoch.ONE_RTT]
+    pair = quic._cryptos[Epoch.ONE_RTT]
+    receiver, expected = pair.recv, space.expected_packet_number
+    keys = receiver.aead  # a key update replaces it (aioquic's apply_key_phase)
     try:
-        header, payload, pn, new_phase = quic._cryptos[Epoch.ONE_RTT].recv.decrypt_packet(
-            data, start, space.largest_received_packet + 1
-        )
+        header, payload, pn, new_phase = receiver.decrypt_packet(data, start, expected)
     except Exception:  # noqa: BLE001 - any packet aioquic would drop or refuse, it will
         return None
     if new_phase or header[0] & RESERVED_BITS or pn in space.received_packets:
         return None
+    if decrypted is not None:
+        decrypted.remember(data, start, expected, keys, (header, payload, pn))
     buf = Buffer(data=payload)
     frames: list[tuple[int, int, bytes]] = []
     try:
@@ -233,3 +240,36 @@ def peek(quic: QuicConnection, data: bytes, addr: Any) -> list[tuple[int, int, b
     except Exception:  # noqa: BLE001 - malformed: aioquic closes the connection for it
         return None
     return frames
+
+
+class PeekedDecryption:
+    """The last packet `peek` decrypted, and what came out: aioquic's receipt of the same
+    datagram, which `peek`'s caller runs right after, takes it instead of decrypting again
+    (one AES-GCM pass and one header-protection pass saved per packet). Used only for the
+    very same bytes object at the same offset, packet number expectation and keys; anything
+    else is decrypted by aioquic as before. Installed on a connection's 1-RTT keys, whose
+    `decrypt_packet` (which aioquic's receive_datagram calls) it replaces on that instance;
+    create it once those keys exist."""
+
+    def __init__(self, quic: QuicConnection) -> None:
+        self.pair = pair = quic._cryptos[Epoch.ONE_RTT]
+        self.decrypt = pair.decrypt_packet
+        pair.decrypt_packet = self.decrypt_packet  # type: ignore[method-assign]
+        self.last: tuple[bytes, int, int, Any, tuple[bytes, bytes, int]] | None = None
+
+    def remember(
+        self, data: bytes, start: int, expected: int, keys: Any, result: tuple[bytes, bytes, int]
+    ) -> None:
+        self.last = (data, start, expected, keys, result)
+
+    def decrypt_packet(self, packet: bytes, start: int, expected: int) -> tuple[bytes, bytes, int]:
+        last, self.last = self.last, None
+        if (
+            last is not None
+            and last[0] is packet  # aioquic slices a one-packet datagram to itself
+            and last[1] == start
+            and last[2] == expected
+            and last[3] is self.pair.recv.aead
+        ):
+            return last[4]
+        return self.decrypt(packet, start, expected)

@@ -18,7 +18,7 @@ from aioquic.tls import Epoch
 
 from meshpipe.identity import Identity, new_join_token
 from meshpipe.quic import LONE_ACK_DELAY, Dialer, MeshConnection, bound_port
-from meshpipe.quic_fast import peek, send_alone
+from meshpipe.quic_fast import PeekedDecryption, peek, send_alone
 from meshpipe.wire import Frame, Kind
 from tests.meshpipe.test_quic import (
     HOST,
@@ -355,6 +355,42 @@ def test_peek_reads_a_packets_stream_frames_and_changes_nothing(
         client.request_key_update()
         client.send_stream_data(6, b"new keys")
         assert peek(server, one_datagram(), address) is None
+
+
+def test_a_peeked_packet_is_decrypted_once(identities: tuple[Identity, Identity]) -> None:
+    """aioquic's receipt of a datagram that peek has just read takes peek's decryption; any
+    other datagram, or the same one after another was received, it decrypts itself."""
+    client, server = pumped_pair(identities)
+    now, address = 2.0, ("client", 1)
+    receiver = server._cryptos[Epoch.ONE_RTT].recv
+    decrypt, calls = receiver.decrypt_packet, []
+
+    def counted(*args: Any) -> Any:
+        calls.append(args)
+        return decrypt(*args)
+
+    def one_datagram(data: bytes) -> bytes:
+        client.send_stream_data(2, data)
+        (datagram,) = [data for data, _ in client.datagrams_to_send(now=now)]
+        return datagram
+
+    with pytest.MonkeyPatch.context() as patch:
+        no_pacing(patch, client, server)
+        patch.setattr(receiver, "decrypt_packet", counted)
+        decrypted = PeekedDecryption(server)
+        first = one_datagram(b"first")
+        assert peek(server, first, address, decrypted) == [(2, 0, b"first")]
+        deliver(server, first, now)
+        assert len(calls) == 1  # peek's alone
+        assert stream_bytes(server, 2) == b"first"
+
+        second, third = one_datagram(b"second"), one_datagram(b"third")
+        assert peek(server, third, address, decrypted) == [(2, 11, b"third")]
+        deliver(server, second, now)  # not the datagram peeked: decrypted by aioquic
+        deliver(server, third, now)  # no longer the last one peeked: decrypted again
+        assert len(calls) == 4
+        assert stream_bytes(server, 2) == b"secondthird"
+        assert decrypted.last is None
 
 
 class Faulty:
