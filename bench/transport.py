@@ -72,7 +72,7 @@ class Settings:
     netns: bool
     server_netns: str | None
     datagram_size: int | None
-    busy_poll_ms: float  # both processes' event loops (meshpipe/busy_poll.py); 0: off
+    busy_poll_ms: float  # both processes' event loops (meshpipe/busy_poll.py); 0: no polling
 
 
 # -- payloads and statistics -------------------------------------------------------------------
@@ -454,8 +454,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--busy-poll-ms",
         type=float,
-        default=0.0,
-        help="both ends poll busily this long after traffic, as GPU hosts run (default 0: off)",
+        default=busy_poll.CPU_WINDOW_MS,
+        help="both ends poll this long before sleeping (default 0.05, as meshpipe's CPU "
+        "processes run; 20 as GPU hosts run; 0: sleep at once)",
     )
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--server-netns", help=argparse.SUPPRESS)

@@ -18,7 +18,7 @@ from gateway.mesh import Mesh, MeshRouter
 from gateway.metrics import Metrics
 from gateway.service import ChatService
 from gateway.text import ChatFormat
-from meshpipe import dirs, discovery
+from meshpipe import busy_poll, dirs, discovery
 from meshpipe.identity import load_or_create_identity
 from meshpipe.models.catalog import resolve
 from meshpipe.models.config import ModelConfig
@@ -51,7 +51,9 @@ class GatewaySettings:
     announce: bool | None = None
     # Register with this relay (HOST, PORT), so workers that cannot reach us directly can.
     relay: tuple[str, int] | None = None
-    busy_poll_ms: float = 0.0  # the event loop's busy-poll window (meshpipe/busy_poll.py)
+    busy_poll_ms: float = (
+        busy_poll.CPU_WINDOW_MS
+    )  # the event loop's busy-poll window (meshpipe/busy_poll.py)
 
 
 def served_name(spec: str, model_dir: Path) -> str:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from meshpipe import busy_poll
 from meshpipe.identity import new_join_token
 from meshpipe.models.catalog import resolve
 
@@ -45,7 +46,7 @@ class AutoSettings:
     relay_port: int = 9339
     block_weights: bool = True
     native_kernels: bool = True
-    busy_poll_ms: float = 0.0  # every process (meshpipe/busy_poll.py)
+    busy_poll_ms: float = busy_poll.CPU_WINDOW_MS  # every process (meshpipe/busy_poll.py)
 
 
 class ClusterFailed(Exception):

@@ -1,15 +1,20 @@
-"""Busy polling: an event loop that keeps polling its sockets for a while after traffic.
+"""Busy polling: an event loop that keeps polling its sockets for a while before it sleeps.
 
 A process that sleeps in `epoll_wait` between messages pays a wake-up on every message, and on
-a virtual machine its caches come back cold: on the 2-core VM a decode-sized QUIC hop took
-about twice as long between two idle processes as between two that kept polling
-(docs/transport.md). A serving pipeline sends a message per stage per token, so while it
-streams, its processes keep polling instead: after a `select` that returned events, the next
-ones poll without blocking for up to `window` seconds, then block as before. A process that
-goes quiet sleeps again once the window has passed.
+a virtual machine that wake-up is dear: on the 2-core VM a decode-sized QUIC hop took about
+twice as long between two idle processes as between two that kept polling (docs/transport.md),
+and a plain TCP hop 65 us against 21. So when the loop runs out of work after traffic it polls
+without blocking for up to `window` seconds before it blocks as before: a message that comes
+in that window is read at once, and a process that goes quiet sleeps again once it has passed.
 
-It costs a core per process while traffic flows, so it suits GPU hosts (their workers wait on
-the GPU, not on the CPU); CPU workers need their cores for the forward pass and keep it off.
+Two windows. On GPU hosts 20 ms, longer than the gap between a stage's messages while a single
+stream decodes, so a streaming pipeline polls throughout: it costs a core per process while
+traffic flows, which GPU workers (waiting on the GPU, not the CPU) can spare. Everywhere else
+50 us, a spin before sleeping: it costs at most 50 us of CPU each time the loop goes idle, and
+on the VM it took the decode-sized hop from 114-157 us to 85-97 us with less CPU per round trip
+than sleeping at once (sleeping and waking cost CPU too); CPU serving throughput did not move
+beyond its run-to-run spread.
+
 While another thread of the process computes (a worker's eager steps run on its compute thread)
 the loop must not poll: the polling thread takes the GIL back after every `select` and starved
 the compute thread, which on the H200 made a 1024-token prompt's first token 63 -> 81 ms.
@@ -30,38 +35,47 @@ Result = TypeVar("Result")
 # Longer than the gap between a stage's messages while a single stream decodes (a few ms on a
 # GPU), so a streaming pipeline polls throughout and stops 20 ms after its last message.
 GPU_WINDOW_MS = 20.0
+# Everywhere else a spin before sleeping: on the VM 30 us caught most of what it gains on a
+# decode-sized hop, 100 us no more than 50 (docs/transport.md, session 22).
+CPU_WINDOW_MS = 0.05
 
 
-def window_ms(explicit: float | None, device: str) -> float:
-    """The busy-poll window of a process: as given, else on for CUDA and off elsewhere."""
+def window_ms(explicit: float | None, device: str = "cpu") -> float:
+    """The busy-poll window of a process: as given, else 20 ms for CUDA and 50 us elsewhere."""
     if explicit is not None:
         return max(0.0, explicit)
-    return GPU_WINDOW_MS if device == "cuda" else 0.0
+    return GPU_WINDOW_MS if device == "cuda" else CPU_WINDOW_MS
 
 
 class BusyPollSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
-    """The default selector, polling without blocking for `window` seconds after events."""
+    """The default selector, polling without blocking for `window` seconds once the loop has
+    run out of work after events. The window starts there, not at the events: handling a
+    datagram can take longer than a short window (a QUIC packet's receipt takes tens of us)."""
 
     def __init__(self, window: float) -> None:
         super().__init__()
         self.window = window
-        self.last_events = -float("inf")
+        self.poll_until = -float("inf")
+        self.traffic = False  # events since the loop last waited
         self.pauses = 0  # held by `paused`: block as the default selector does
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        if timeout is not None and timeout <= 0:  # callbacks are ready: the loop has work
+            events = super().select(0)
+            self.traffic = self.traffic or bool(events)
+            return events
         now = time.monotonic()
-        deadline = None if timeout is None else now + max(0.0, timeout)  # the loop's next timer
-        end = self.last_events + self.window
-        if deadline is not None:
-            end = min(end, deadline)
+        if self.traffic:  # the loop ran out of work after traffic: the window starts
+            self.poll_until, self.traffic = now + self.window, False
+        deadline = None if timeout is None else now + timeout  # the loop's next timer
+        end = self.poll_until if deadline is None else min(self.poll_until, deadline)
         events = super().select(0)
         while not events and not self.pauses and now < end:
             events = super().select(0)
             now = time.monotonic()
         if not events and (deadline is None or now < deadline):
             events = super().select(None if deadline is None else deadline - now)
-        if events:
-            self.last_events = time.monotonic()
+        self.traffic = bool(events)
         return events
 
 

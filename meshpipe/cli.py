@@ -48,7 +48,7 @@ def _add_gateway(sub: argparse._SubParsersAction) -> None:
         help="announce on the LAN with mDNS (default: when --mesh-host is not loopback)",
     )
     p.add_argument("--relay", type=_host_port, help="register with this relay (HOST:PORT)")
-    _add_busy_poll_flag(p, "default 0: off; `auto --device cuda` sets 20")
+    _add_busy_poll_flag(p, "default 0.05; `auto --device cuda` sets 20")
 
 
 def _add_worker(sub: argparse._SubParsersAction) -> None:
@@ -71,7 +71,7 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="", help="serve this model (default: where needed)")
     p.add_argument("--relay", type=_host_port, help="a relay for links a NAT blocks (HOST:PORT)")
     p.add_argument("--relay-only", action="store_true", help="every link through the relay")
-    _add_busy_poll_flag(p, "default 20 with --device cuda, else 0: off")
+    _add_busy_poll_flag(p, "default 20 with --device cuda, else 0.05; 0: off")
     _add_cpu_kernel_flags(p)
     p.add_argument(
         "--cuda-graphs",
@@ -143,7 +143,7 @@ def _add_auto(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ready-timeout", type=float, default=600.0)
     p.add_argument("--relay", action="store_true", help="start a relay and route a stage via it")
     p.add_argument("--relay-port", type=int, default=9339)
-    _add_busy_poll_flag(p, "every process; default 20 with --device cuda, else 0: off")
+    _add_busy_poll_flag(p, "every process; default 20 with --device cuda, else 0.05; 0: off")
     _add_cpu_kernel_flags(p)
 
 
@@ -161,7 +161,7 @@ def _add_relay(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rate", type=int, default=0, help="bytes/s one peer may send (0: no limit)")
     p.add_argument("--idle", type=float, default=30.0, help="seconds before a silent peer expires")
     p.add_argument("--dump", default=None, help="debug: append every forwarded datagram here")
-    _add_busy_poll_flag(p, "default 0: off; `auto --relay --device cuda` sets 20")
+    _add_busy_poll_flag(p, "default 0.05; `auto --relay --device cuda` sets 20")
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
@@ -233,7 +233,7 @@ def run_gateway(args: argparse.Namespace) -> None:
         token_loop=args.token_loop,
         announce=args.announce,
         relay=args.relay,
-        busy_poll_ms=max(0.0, args.busy_poll_ms or 0.0),
+        busy_poll_ms=busy_poll.window_ms(args.busy_poll_ms),
     )
     busy_poll.run(serve(settings), settings.busy_poll_ms / 1000)
 
@@ -368,7 +368,7 @@ def run_relay(args: argparse.Namespace) -> None:
     if args.action == "key":
         print(key)
         return
-    busy_poll.run(command.serve(args, key), max(0.0, args.busy_poll_ms or 0.0) / 1000)
+    busy_poll.run(command.serve(args, key), busy_poll.window_ms(args.busy_poll_ms) / 1000)
 
 
 COMMANDS = {

@@ -1,5 +1,6 @@
-"""Busy polling: the loop keeps polling after traffic, sleeps once the window has passed, and
-still runs its timers and receives on time."""
+"""Busy polling: the loop keeps polling after traffic (the window counted from when it ran
+out of work), sleeps once the window has passed, and still runs its timers and receives on
+time."""
 
 from __future__ import annotations
 
@@ -21,9 +22,9 @@ from tests.cluster import descendants, start_auto
 Result = TypeVar("Result")
 
 
-def test_the_window_is_on_for_cuda_and_off_elsewhere() -> None:
-    assert busy_poll.window_ms(None, "cuda") == busy_poll.GPU_WINDOW_MS > 0
-    assert busy_poll.window_ms(None, "cpu") == 0
+def test_the_window_is_long_for_cuda_and_a_short_spin_elsewhere() -> None:
+    assert busy_poll.window_ms(None, "cuda") == busy_poll.GPU_WINDOW_MS == 20
+    assert busy_poll.window_ms(None, "cpu") == busy_poll.window_ms(None) == 0.05
     assert busy_poll.window_ms(5.0, "cpu") == 5.0
     assert busy_poll.window_ms(0.0, "cuda") == 0
     assert busy_poll.window_ms(-1.0, "cuda") == 0
@@ -37,6 +38,16 @@ class Receiver(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: object) -> None:
         if not self.arrived.done():
             self.arrived.set_result(time.monotonic())
+
+
+class SlowReceiver(Receiver):
+    """Takes `seconds` over a datagram, blocking the loop (a long packet receipt)."""
+
+    seconds = 0.0
+
+    def datagram_received(self, data: bytes, addr: object) -> None:
+        time.sleep(self.seconds)
+        super().datagram_received(data, addr)
 
 
 class Counting(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
@@ -108,6 +119,30 @@ def test_the_loop_polls_after_traffic_then_sleeps() -> None:
     assert calls["late"] < 0.05, calls  # timers still fire on time while polling
 
 
+async def after_slow_handling(window: float) -> tuple[int, int]:
+    """Selector calls in the half window after a datagram whose handling took 1.5 windows."""
+    loop = asyncio.get_running_loop()
+    assert isinstance(loop.busy_poll, Counting)  # type: ignore[attr-defined]
+    SlowReceiver.seconds = 1.5 * window
+    transport, receiver = await loop.create_datagram_endpoint(
+        SlowReceiver, local_addr=("127.0.0.1", 0)
+    )
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            sender.sendto(b"x", transport.get_extra_info("sockname"))
+        await asyncio.wait_for(receiver.arrived, 5)
+        return await calls_over(loop.busy_poll, window / 2)  # type: ignore[attr-defined]
+    finally:
+        transport.close()
+
+
+def test_the_window_starts_when_the_loop_runs_out_of_work() -> None:
+    """Counted from the datagram's arrival, a window shorter than its handling would be over
+    before the loop could poll: a 50 us spin would never run after a QUIC packet's receipt."""
+    (polls, waits), _ = counting_run(after_slow_handling(0.2), 0.2)
+    assert polls > 100 and waits == 0, (polls, waits)
+
+
 def test_a_paused_loop_sleeps() -> None:
     """A worker's loop while its compute thread runs: no polling to take the GIL from it."""
     calls, selector = counting_run(traffic_then_quiet(0.4, pause=True), 0.4)
@@ -146,11 +181,14 @@ def test_datagrams_arrive_while_polling() -> None:
     assert busy_poll.run(received_while_polling(), 0.5) < 1.0
 
 
-@pytest.mark.parametrize(("extra", "expected"), [((), "0"), (("--busy-poll-ms", "15"), "15")])
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [((), "0.05"), (("--busy-poll-ms", "15"), "15"), (("--busy-poll-ms", "0"), "0")],
+)
 def test_auto_passes_the_window_to_every_process(
     tiny_model: Path, extra: tuple[str, ...], expected: str
 ) -> None:
-    cluster = start_auto(tiny_model, 2, *extra)  # a CPU cluster: off unless asked for
+    cluster = start_auto(tiny_model, 2, *extra)  # a CPU cluster: a 50 us spin unless asked
     try:
         children = descendants(cluster.process.popen.pid)
         commands = [Path(f"/proc/{pid}/cmdline").read_text().split("\0") for pid in children]
