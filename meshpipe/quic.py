@@ -36,7 +36,7 @@ from aioquic.quic.events import (
     StreamDataReceived,
     StreamReset,
 )
-from aioquic.quic.recovery import QuicPacketPacer, QuicPacketSpace
+from aioquic.quic.recovery import QuicPacketSpace
 from aioquic.tls import Epoch
 
 from meshpipe.identity import (
@@ -46,7 +46,14 @@ from meshpipe.identity import (
     check_proof,
     join_proof,
 )
-from meshpipe.quic_fast import PeekedDecryption, only_due, peek, send_alone
+from meshpipe.quic_fast import (
+    MAX_PACKETS_ALONE,
+    BurstPacer,
+    PeekedDecryption,
+    only_due,
+    peek,
+    send_alone,
+)
 from meshpipe.quic_packets import use_wide_frames_if_needed, write_without_empty_packet
 from meshpipe.wire import (
     DEFAULT_MAX_PAYLOAD_BYTES,
@@ -187,6 +194,7 @@ class MeshConnection(QuicConnectionProtocol):
         super().__init__(*args, **kwargs)
         use_wide_frames_if_needed(self._quic)
         write_without_empty_packet(self._quic)
+        self._quic._loss._pacer = BurstPacer(max_datagram_size=self._quic._max_datagram_size)
         self._path_known = self._quic._is_client  # a client dialled a host it sized for
         self._receiving = self._answered = False
         self.handler = handler
@@ -210,8 +218,12 @@ class MeshConnection(QuicConnectionProtocol):
         self.bytes_received = 0
         self.packets_sent_alone = 0  # small frames sent by meshpipe/quic_fast.py
         self.packets_peeked = 0  # packets whose frames were handed on before aioquic's receipt
+        self.receipts_deferred = 0  # peeked packets aioquic received after the next one's peek
         self._peeking = 0  # 1 while a peeked packet's frames are handled
         self._decrypted: PeekedDecryption | None = None  # see _peek
+        self._receipts: list[tuple[bytes, Any]] = []  # peeked datagrams aioquic has not had
+        self._rest_to_come = False  # the last peek left a small frame incomplete
+        self._receipt_call: asyncio.Handle | None = None  # _receive_peeked, scheduled
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -370,15 +382,41 @@ class MeshConnection(QuicConnectionProtocol):
         quic._max_datagram_size = size
         algorithm = quic._configuration.congestion_control_algorithm
         quic._loss._cc = create_congestion_control(algorithm, max_datagram_size=size)
-        quic._loss._pacer = QuicPacketPacer(max_datagram_size=size)
+        quic._loss._pacer = BurstPacer(max_datagram_size=size)
         use_wide_frames_if_needed(quic)
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         if self.authenticated and self._peek(cast(bytes, data), addr):
-            # aioquic's own receipt of it, before the loop reads the next datagram: its
-            # callback is queued ahead of the socket's next read.
-            self._loop.call_soon(self._receive, data, addr)
-        else:
+            # aioquic's receipt of it comes after, in a loop callback (_receive_peeked).
+            self._receipts.append((cast(bytes, data), addr))
+            if self._receipt_call is None:
+                self._receipt_call = self._loop.call_soon(self._receive_peeked, 0)
+            return
+        self._receive_peeked(None)  # aioquic receives datagrams in the order they came
+        self._receive(data, addr)
+
+    def _receive_peeked(self, seen: int | None) -> None:
+        """aioquic's receipt of the datagrams peeked so far, in their order. The callback runs
+        before the loop reads the socket again, unless the last peek left a small frame
+        incomplete: then the loop reads once more first, as long as each turn brings a
+        datagram (`seen`: how many were waiting a turn ago), up to MAX_PACKETS_ALONE. A frame
+        sent in several packets (at a LAN's datagram size) is then handed on once its last
+        packet is peeked, without the receipts of the others before it."""
+        receipts = self._receipts
+        if (
+            seen is not None
+            and self._rest_to_come
+            and seen < len(receipts) < MAX_PACKETS_ALONE
+            and not self._closed_reported
+        ):
+            self._receipt_call = self._loop.call_soon(self._receive_peeked, len(receipts))
+            return
+        if self._receipt_call is not None:
+            self._receipt_call.cancel()
+            self._receipt_call = None
+        self._receipts = []
+        self.receipts_deferred += max(0, len(receipts) - 1)
+        for data, addr in receipts:
             self._receive(data, addr)
 
     def _peek(self, data: bytes, addr: Any) -> bool:
@@ -394,7 +432,7 @@ class MeshConnection(QuicConnectionProtocol):
         frames = peek(quic, data, addr, self._decrypted)
         if not frames:
             return False
-        fed = False
+        fed = self._rest_to_come = False
         for stream_id, offset, chunk in frames:
             decoder = self._decoders.get(stream_id)
             stream = quic._streams.get(stream_id)
@@ -418,6 +456,8 @@ class MeshConnection(QuicConnectionProtocol):
                     self._dispatch(frame)
             finally:
                 self._peeking = 0
+            missing = decoder.missing()
+            self._rest_to_come |= 0 < missing <= SHARED_STREAM_FRAME_LIMIT
         if fed:
             self.packets_peeked += 1
         return fed

@@ -1,13 +1,14 @@
-"""The hand-off's fast paths around aioquic: a small frame written as one 1-RTT packet by
-meshpipe, then aioquic's bookkeeping for it (`send_alone`); and a received packet's stream
+"""The hand-off's fast paths around aioquic: a small frame written as 1-RTT packets by
+meshpipe (one on loopback, up to MAX_PACKETS_ALONE at a LAN's datagram size), then aioquic's
+bookkeeping for them (`send_alone`); and a received packet's stream
 data read before aioquic's own receipt runs (`peek`).
 
 aioquic builds every packet by asking each kind of frame whether it is due (ACK, path
 validation, connection IDs, limits, pings, crypto, datagrams, every stream) through
 `QuicPacketBuilder`, all in Python: most of a decode hop's CPU time (docs/transport.md). When
-nothing but one small frame on the shared stream is due, `send_alone` writes that packet
-itself (an ACK inside it if one is due, as aioquic would), encrypts it with the connection's
-own keys, hands it to the socket, and only then records it where aioquic's `_flush_builder`
+nothing but one small frame on the shared stream is due, `send_alone` writes its packets
+itself (an ACK inside the first if one is due, as aioquic would), encrypts them with the
+connection's own keys, hands them to the socket, and only then records them where aioquic's `_flush_builder`
 and `_write_application` would have: the stream's sent range, connection credit, loss
 recovery (so a lost packet is retransmitted from the stream's buffer by aioquic, as any
 other), the idle deadline, the pacer and the path's byte count. If anything else is due, or
@@ -30,6 +31,7 @@ from aioquic.buffer import Buffer
 from aioquic.quic.connection import QuicConnection, QuicConnectionState
 from aioquic.quic.packet import QuicFrameType, QuicPacketType, push_ack_frame
 from aioquic.quic.packet_builder import QuicSentPacket
+from aioquic.quic.recovery import QuicPacketPacer
 from aioquic.quic.stream import QuicStream
 from aioquic.tls import Epoch
 
@@ -42,6 +44,9 @@ STREAM_OFFSET_BIT = 4
 STREAM_WITH_LENGTH = QuicFrameType.STREAM_BASE | STREAM_LENGTH_BIT
 STREAM_HEADER_ROOM = 25  # type, stream id, offset and length: at most 1 + 3 * 8 bytes
 ACK_ROOM = 64  # push_ack_frame needs room for four 8-byte fields; older ranges are left out
+# A small frame over more packets than this (at 1452-byte datagrams, about 20 KB) is aioquic's.
+MAX_PACKETS_ALONE = 16
+BURST_PACKETS = 10  # the initial congestion window (RFC 9002 section 7.2)
 
 
 def send_alone(
@@ -51,8 +56,9 @@ def send_alone(
     now: float,
     sendto: Callable[[bytes, Any], None],
 ) -> bool:
-    """Send `data` on `stream` in a packet of its own if nothing else is due; False (and no
-    change anywhere) otherwise."""
+    """Send `data` on `stream` in packets of its own (one, or up to MAX_PACKETS_ALONE where
+    the datagrams are small) if nothing else is due; False (and no change anywhere)
+    otherwise."""
     sender = stream.sender
     offset, size = sender._buffer_stop, len(data)
     if (
@@ -70,70 +76,112 @@ def send_alone(
     space = quic._spaces[Epoch.ONE_RTT]
     pn = quic._packet_number
     ack = space.ack_at is not None and space.ack_at <= now
-    if ack:
-        if len(space.ack_queue) > 1 and pn % 8 == 0:
-            return False  # aioquic adds its ACK-of-ACK PING to this packet
-    elif quic._loss._pacer.next_send_time(now=now) is not None:
-        return False  # aioquic paces a packet without an ACK in it
-
+    if ack and len(space.ack_queue) > 1 and pn % 8 == 0:
+        return False  # aioquic adds its ACK-of-ACK PING to this packet
     crypto = quic._cryptos[Epoch.ONE_RTT]
+    if crypto._update_key_requested:
+        return False  # aioquic's next packet changes the keys
     peer_cid = quic._peer_cid.cid
     room = quic._max_datagram_size - 1 - len(peer_cid) - PACKET_NUMBER_BYTES - AEAD_TAG_BYTES
-    if size + STREAM_HEADER_ROOM + (ACK_ROOM if ack else 0) > room:
-        return False
-    payload = Buffer(capacity=room)
-    if ack:
-        payload.push_uint_var(QuicFrameType.ACK)
-        delay = int((now - space.largest_received_time) * 1_000_000)
-        delay >>= quic._local_ack_delay_exponent
-        push_ack_frame(payload, space.ack_queue, delay, ACK_ROOM - 1)
-    payload.push_uint_var(STREAM_WITH_LENGTH | (STREAM_OFFSET_BIT if offset else 0))
-    payload.push_uint_var(stream.stream_id)
-    if offset:
-        payload.push_uint_var(offset)
-    payload.push_uint_var(size)
-    payload.push_bytes(data)
+    room -= STREAM_HEADER_ROOM
+    # The data's split: the first packet leaves room for the ACK, if one goes.
+    bounds = [0, min(size, room - (ACK_ROOM if ack else 0))]
+    while bounds[-1] < size and len(bounds) <= MAX_PACKETS_ALONE:
+        bounds.append(min(size, bounds[-1] + room))
+    count = len(bounds) - 1
     loss = quic._loss
-    datagram_size = len(peer_cid) + 3 + payload.tell() + AEAD_TAG_BYTES
-    if loss.bytes_in_flight + datagram_size > loss.congestion_window:
+    if bounds[1] <= 0 or bounds[-1] < size or not paced_through(loss._pacer, count, ack, now):
+        return False
+    payloads = []
+    for index in range(count):
+        payload = Buffer(capacity=quic._max_datagram_size)
+        if index == 0 and ack:
+            payload.push_uint_var(QuicFrameType.ACK)
+            delay = int((now - space.largest_received_time) * 1_000_000)
+            delay >>= quic._local_ack_delay_exponent
+            push_ack_frame(payload, space.ack_queue, delay, ACK_ROOM - 1)
+        start, stop = offset + bounds[index], offset + bounds[index + 1]
+        payload.push_uint_var(STREAM_WITH_LENGTH | (STREAM_OFFSET_BIT if start else 0))
+        payload.push_uint_var(stream.stream_id)
+        if start:
+            payload.push_uint_var(start)
+        payload.push_uint_var(stop - start)
+        payload.push_bytes(data[bounds[index] : bounds[index + 1]])
+        payloads.append(payload.data)
+    overhead = len(peer_cid) + 1 + PACKET_NUMBER_BYTES + AEAD_TAG_BYTES
+    flight = sum(len(payload) for payload in payloads) + count * overhead
+    if loss.bytes_in_flight + flight > loss.congestion_window:
         return False
 
     first = FIXED_BIT | (quic._spin_bit << 5) | (crypto.key_phase << 2) | (PACKET_NUMBER_BYTES - 1)
-    header = bytes((first,)) + peer_cid + (pn & 0xFFFF).to_bytes(2, "big")
-    datagram = crypto.encrypt_packet(header, payload.data, pn)
     path = quic._network_paths[0]
-    sendto(datagram, path.addr)
+    sent_bytes = []
+    for index, payload in enumerate(payloads):
+        number = pn + index
+        header = bytes((first,)) + peer_cid + (number & 0xFFFF).to_bytes(2, "big")
+        datagram = crypto.encrypt_packet(header, payload, number)
+        sendto(datagram, path.addr)
+        sent_bytes.append(len(datagram))
 
-    # What aioquic's _write_application and _flush_builder record for a packet they send.
-    quic._packet_number = pn + 1
+    # What aioquic's _write_application and _flush_builder record for the packets they send.
+    quic._packet_number = pn + count
     sender.write(data)
-    frame = sender.get_frame(size, offset + size)
-    assert frame is not None and frame.offset == offset and len(frame.data) == size
+    for index in range(count):
+        start, stop = offset + bounds[index], offset + bounds[index + 1]
+        frame = sender.get_frame(stop - start, stop)
+        assert frame is not None and frame.offset == start and len(frame.data) == stop - start
+        handlers: list[tuple[Any, Any]] = [(sender.on_data_delivery, (start, stop, False))]
+        if index == 0 and ack:
+            handlers.append((quic._on_ack_delivery, (space, space.largest_received_packet)))
+            space.ack_at = None
+        packet = QuicSentPacket(
+            epoch=Epoch.ONE_RTT,
+            in_flight=True,
+            is_ack_eliciting=True,
+            is_crypto_packet=False,
+            packet_number=pn + index,
+            packet_type=QuicPacketType.ONE_RTT,
+            sent_time=now,
+            sent_bytes=sent_bytes[index],
+            delivery_handlers=handlers,
+        )
+        loss.on_packet_sent(packet=packet, space=space)
+        loss._pacer.update_after_send(now=now)
+        path.bytes_sent += sent_bytes[index]
     sender.buffer_is_empty = True  # what aioquic's next get_frame would find
     quic._remote_max_data_used += size
-    handlers: list[tuple[Any, Any]] = [(sender.on_data_delivery, (offset, offset + size, False))]
-    if ack:
-        handlers.append((quic._on_ack_delivery, (space, space.largest_received_packet)))
-        space.ack_at = None
-    packet = QuicSentPacket(
-        epoch=Epoch.ONE_RTT,
-        in_flight=True,
-        is_ack_eliciting=True,
-        is_crypto_packet=False,
-        packet_number=pn,
-        packet_type=QuicPacketType.ONE_RTT,
-        sent_time=now,
-        sent_bytes=len(datagram),
-        delivery_handlers=handlers,
-    )
-    loss.on_packet_sent(packet=packet, space=space)
     if not quic._ack_eliciting_sent_since_receipt:  # RFC 9000 section 10.1
         quic._close_at = now + quic._idle_timeout()
         quic._ack_eliciting_sent_since_receipt = True
-    loss._pacer.update_after_send(now=now)
-    path.bytes_sent += len(datagram)
     quic._pacing_at = None
     return True
+
+
+def paced_through(pacer: QuicPacketPacer, count: int, ack: bool, now: float) -> bool:
+    """Whether aioquic's pacer lets `count` packets leave now, one after another (it does not
+    hold back a packet that carries a due ACK: the first, with `ack`)."""
+    if pacer.packet_time is None:
+        return True
+    pacer.update_bucket(now=now)  # what its next_send_time does first
+    bucket = pacer.bucket_time
+    for index in range(count):
+        if (index or not ack) and bucket <= 0:
+            return False
+        bucket = 0.0 if bucket < pacer.packet_time else bucket - pacer.packet_time
+    return True
+
+
+class BurstPacer(QuicPacketPacer):
+    """aioquic's pacer, letting a burst of up to BURST_PACKETS leave at once (RFC 9002 section
+    7.7: bursts limited to the initial congestion window, ten packets). aioquic's own bucket
+    holds about two packets at a small congestion window: at 1452-byte datagrams an 8 KB
+    hidden state (six packets) left in three bursts, each wait a timer of the event loop,
+    which sleeps in whole milliseconds."""
+
+    def update_rate(self, congestion_window: int, smoothed_rtt: float) -> None:
+        super().update_rate(congestion_window=congestion_window, smoothed_rtt=smoothed_rtt)
+        assert self.packet_time is not None
+        self.bucket_max = max(self.bucket_max, BURST_PACKETS * self.packet_time)
 
 
 def only_due(quic: QuicConnection, ours: QuicStream | None) -> bool:

@@ -328,6 +328,13 @@ class FrameDecoder:
                 self._header, self._body = None, None
         return frames
 
+    def missing(self) -> int:
+        """Bytes still to come of the frame begun (0 between frames; a header cut short: the
+        rest of the header)."""
+        if self._body is not None:
+            return len(self._body) - self._filled
+        return HEADER.size - len(self._buffer) if self._buffer else 0
+
     def _start_body(self, header: _Header) -> None:
         self._header = header
         # Allocated once, at its validated size, and filled in place.

@@ -366,14 +366,14 @@ def test_a_listener_sizes_datagrams_for_each_peers_path(
     run(scenario)
 
 
-def connected_pair(identities: tuple[Identity, Identity]) -> tuple[QuicConnection, QuicConnection]:
+def connected_pair(
+    identities: tuple[Identity, Identity], datagram_size: int = LOOPBACK_DATAGRAM_SIZE
+) -> tuple[QuicConnection, QuicConnection]:
     """A client and a server connection, handshake done, pumped in memory (no sockets)."""
     server_identity, peer_identity = identities
-    client = QuicConnection(
-        configuration=configuration(True, peer_identity, LOOPBACK_DATAGRAM_SIZE)
-    )
+    client = QuicConnection(configuration=configuration(True, peer_identity, datagram_size))
     server = QuicConnection(
-        configuration=configuration(False, server_identity, LOOPBACK_DATAGRAM_SIZE),
+        configuration=configuration(False, server_identity, datagram_size),
         original_destination_connection_id=client.original_destination_connection_id,
     )
     for quic in (client, server):  # what MeshConnection does to its connection
@@ -426,11 +426,13 @@ def test_a_transmit_builds_the_packets_it_needs_and_no_empty_one(
     run(scenario)
 
 
-def pumped_pair(identities: tuple[Identity, Identity]) -> tuple[QuicConnection, QuicConnection]:
+def pumped_pair(
+    identities: tuple[Identity, Identity], datagram_size: int = LOOPBACK_DATAGRAM_SIZE
+) -> tuple[QuicConnection, QuicConnection]:
     """connected_pair's connections, made in a loop of their own (MeshConnection needs one)."""
 
     async def make() -> tuple[QuicConnection, QuicConnection]:
-        return connected_pair(identities)
+        return connected_pair(identities, datagram_size)
 
     return asyncio.run(make())
 
