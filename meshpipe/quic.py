@@ -411,9 +411,9 @@ class MeshConnection(QuicConnectionProtocol):
         ):
             self._receipt_call = self._loop.call_soon(self._receive_peeked, len(receipts))
             return
-        if self._receipt_call is not None:
+        if seen is None and self._receipt_call is not None:  # received ahead of the callback
             self._receipt_call.cancel()
-            self._receipt_call = None
+        self._receipt_call = None
         self._receipts = []
         self.receipts_deferred += max(0, len(receipts) - 1)
         for data, addr in receipts:

@@ -85,16 +85,19 @@ def send_alone(
     room = quic._max_datagram_size - 1 - len(peer_cid) - PACKET_NUMBER_BYTES - AEAD_TAG_BYTES
     room -= STREAM_HEADER_ROOM
     # The data's split: the first packet leaves room for the ACK, if one goes.
-    bounds = [0, min(size, room - (ACK_ROOM if ack else 0))]
+    first_room = room - (ACK_ROOM if ack else 0)
+    bounds = [0, min(size, first_room)]
     while bounds[-1] < size and len(bounds) <= MAX_PACKETS_ALONE:
         bounds.append(min(size, bounds[-1] + room))
     count = len(bounds) - 1
     loss = quic._loss
-    if bounds[1] <= 0 or bounds[-1] < size or not paced_through(loss._pacer, count, ack, now):
+    if first_room <= 0 or bounds[-1] < size or not paced_through(loss._pacer, count, ack, now):
         return False
-    payloads = []
+    payloads, flight = [], 0
+    overhead = len(peer_cid) + 1 + PACKET_NUMBER_BYTES + AEAD_TAG_BYTES
     for index in range(count):
-        payload = Buffer(capacity=quic._max_datagram_size)
+        chunk = bounds[index + 1] - bounds[index]
+        payload = Buffer(capacity=chunk + STREAM_HEADER_ROOM + (ACK_ROOM if ack else 0))
         if index == 0 and ack:
             payload.push_uint_var(QuicFrameType.ACK)
             delay = int((now - space.largest_received_time) * 1_000_000)
@@ -106,10 +109,9 @@ def send_alone(
         if start:
             payload.push_uint_var(start)
         payload.push_uint_var(stop - start)
-        payload.push_bytes(data[bounds[index] : bounds[index + 1]])
+        payload.push_bytes(data if count == 1 else data[bounds[index] : bounds[index + 1]])
         payloads.append(payload.data)
-    overhead = len(peer_cid) + 1 + PACKET_NUMBER_BYTES + AEAD_TAG_BYTES
-    flight = sum(len(payload) for payload in payloads) + count * overhead
+        flight += payload.tell() + overhead
     if loss.bytes_in_flight + flight > loss.congestion_window:
         return False
 
@@ -160,7 +162,7 @@ def send_alone(
 def paced_through(pacer: QuicPacketPacer, count: int, ack: bool, now: float) -> bool:
     """Whether aioquic's pacer lets `count` packets leave now, one after another (it does not
     hold back a packet that carries a due ACK: the first, with `ack`)."""
-    if pacer.packet_time is None:
+    if pacer.packet_time is None or (count == 1 and ack):
         return True
     pacer.update_bucket(now=now)  # what its next_send_time does first
     bucket = pacer.bucket_time
@@ -180,8 +182,7 @@ class BurstPacer(QuicPacketPacer):
 
     def update_rate(self, congestion_window: int, smoothed_rtt: float) -> None:
         super().update_rate(congestion_window=congestion_window, smoothed_rtt=smoothed_rtt)
-        assert self.packet_time is not None
-        self.bucket_max = max(self.bucket_max, BURST_PACKETS * self.packet_time)
+        self.bucket_max = max(self.bucket_max, BURST_PACKETS * self.packet_time)  # type: ignore[operator]
 
 
 def only_due(quic: QuicConnection, ours: QuicStream | None) -> bool:
