@@ -51,9 +51,8 @@ class GatewaySettings:
     announce: bool | None = None
     # Register with this relay (HOST, PORT), so workers that cannot reach us directly can.
     relay: tuple[str, int] | None = None
-    busy_poll_ms: float = (
-        busy_poll.CPU_WINDOW_MS
-    )  # the event loop's busy-poll window (meshpipe/busy_poll.py)
+    # The event loop's busy-poll window (meshpipe/busy_poll.py).
+    busy_poll_ms: float = busy_poll.CPU_WINDOW_MS
 
 
 def served_name(spec: str, model_dir: Path) -> str:

@@ -392,7 +392,8 @@ class MeshConnection(QuicConnectionProtocol):
             if self._receipt_call is None:
                 self._receipt_call = self._loop.call_soon(self._receive_peeked, 0)
             return
-        self._receive_peeked(None)  # aioquic receives datagrams in the order they came
+        if self._receipts:  # aioquic receives datagrams in the order they came
+            self._receive_peeked(None)
         self._receive(data, addr)
 
     def _receive_peeked(self, seen: int | None) -> None:
@@ -456,8 +457,7 @@ class MeshConnection(QuicConnectionProtocol):
                     self._dispatch(frame)
             finally:
                 self._peeking = 0
-            missing = decoder.missing()
-            self._rest_to_come |= 0 < missing <= SHARED_STREAM_FRAME_LIMIT
+            self._rest_to_come |= 0 < decoder.missing() <= SHARED_STREAM_FRAME_LIMIT
         if fed:
             self.packets_peeked += 1
         return fed

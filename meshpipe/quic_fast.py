@@ -19,7 +19,7 @@ before touching any state, and the caller takes aioquic's path.
 returns its STREAM frames if it holds nothing else but PADDING, PING and ACK frames; the
 caller hands the data on at once and gives aioquic the same datagram right after, which then
 does all of its bookkeeping (ACKs, loss recovery, credit) as for any packet. The packet is
-decrypted once: `reuse_peeked_decryption` hands peek's result to aioquic's receipt of it.
+decrypted once: `PeekedDecryption` hands peek's result to aioquic's receipt of it.
 """
 
 from __future__ import annotations
@@ -93,23 +93,22 @@ def send_alone(
     loss = quic._loss
     if first_room <= 0 or bounds[-1] < size or not paced_through(loss._pacer, count, ack, now):
         return False
+    spans = [(offset + bounds[i], offset + bounds[i + 1]) for i in range(count)]  # stream offsets
     payloads, flight = [], 0
     overhead = len(peer_cid) + 1 + PACKET_NUMBER_BYTES + AEAD_TAG_BYTES
-    for index in range(count):
-        chunk = bounds[index + 1] - bounds[index]
-        payload = Buffer(capacity=chunk + STREAM_HEADER_ROOM + (ACK_ROOM if ack else 0))
+    for index, (start, stop) in enumerate(spans):
+        payload = Buffer(capacity=stop - start + STREAM_HEADER_ROOM + (ACK_ROOM if ack else 0))
         if index == 0 and ack:
             payload.push_uint_var(QuicFrameType.ACK)
             delay = int((now - space.largest_received_time) * 1_000_000)
             delay >>= quic._local_ack_delay_exponent
             push_ack_frame(payload, space.ack_queue, delay, ACK_ROOM - 1)
-        start, stop = offset + bounds[index], offset + bounds[index + 1]
         payload.push_uint_var(STREAM_WITH_LENGTH | (STREAM_OFFSET_BIT if start else 0))
         payload.push_uint_var(stream.stream_id)
         if start:
             payload.push_uint_var(start)
         payload.push_uint_var(stop - start)
-        payload.push_bytes(data if count == 1 else data[bounds[index] : bounds[index + 1]])
+        payload.push_bytes(data if count == 1 else data[start - offset : stop - offset])
         payloads.append(payload.data)
         flight += payload.tell() + overhead
     if loss.bytes_in_flight + flight > loss.congestion_window:
@@ -128,8 +127,7 @@ def send_alone(
     # What aioquic's _write_application and _flush_builder record for the packets they send.
     quic._packet_number = pn + count
     sender.write(data)
-    for index in range(count):
-        start, stop = offset + bounds[index], offset + bounds[index + 1]
+    for index, (start, stop) in enumerate(spans):
         frame = sender.get_frame(stop - start, stop)
         assert frame is not None and frame.offset == start and len(frame.data) == stop - start
         handlers: list[tuple[Any, Any]] = [(sender.on_data_delivery, (start, stop, False))]

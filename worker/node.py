@@ -77,9 +77,8 @@ class WorkerSettings:
     compile: bool = True  # CUDA: the captured decode step compiled by TorchInductor
     block_weights: bool = True  # CPU decode steps on the model's GGUF blocks, if it has them
     native_kernels: bool = True  # CPU float32: meshpipe's C kernels (worker/cpu_kernels.c)
-    busy_poll_ms: float = (
-        busy_poll.CPU_WINDOW_MS
-    )  # the event loop's busy-poll window (meshpipe/busy_poll.py)
+    # The event loop's busy-poll window (meshpipe/busy_poll.py).
+    busy_poll_ms: float = busy_poll.CPU_WINDOW_MS
 
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]

@@ -9,7 +9,7 @@ import contextlib
 import selectors
 import socket
 import time
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -82,6 +82,20 @@ async def calls_over(selector: Counting, seconds: float) -> tuple[int, int]:
     return selector.polls - polls, selector.waits - waits
 
 
+@contextlib.asynccontextmanager
+async def one_datagram_received(protocol: type[Receiver]) -> AsyncIterator[None]:
+    """A UDP endpoint on loopback that has received one datagram (closed on exit)."""
+    loop = asyncio.get_running_loop()
+    transport, receiver = await loop.create_datagram_endpoint(protocol, local_addr=("127.0.0.1", 0))
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            sender.sendto(b"x", transport.get_extra_info("sockname"))
+        await asyncio.wait_for(receiver.arrived, 5)
+        yield
+    finally:
+        transport.close()
+
+
 async def traffic_then_quiet(window: float, pause: bool = False) -> dict[str, Any]:
     """Selector calls in the window after a datagram and after it, and how late a timer
     fired meanwhile (with `pause`, all of it under `busy_poll.paused`)."""
@@ -90,13 +104,7 @@ async def traffic_then_quiet(window: float, pause: bool = False) -> dict[str, An
     selector = loop.busy_poll
     assert isinstance(selector, Counting)
     with busy_poll.paused(loop) if pause else contextlib.nullcontext():
-        transport, receiver = await loop.create_datagram_endpoint(
-            Receiver, local_addr=("127.0.0.1", 0)
-        )
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
-                sender.sendto(b"x", transport.get_extra_info("sockname"))
-            await asyncio.wait_for(receiver.arrived, 5)
+        async with one_datagram_received(Receiver):
             planned = loop.time() + window / 4
             fired = loop.create_future()
             loop.call_at(planned, lambda: fired.set_result(loop.time()))
@@ -104,8 +112,6 @@ async def traffic_then_quiet(window: float, pause: bool = False) -> dict[str, An
             late = await fired - planned
             await asyncio.sleep(window / 2 + 0.05)  # the window ends
             after = await calls_over(selector, window)
-        finally:
-            transport.close()
     return {"during": during, "after": after, "late": late}
 
 
@@ -124,16 +130,8 @@ async def after_slow_handling(window: float) -> tuple[int, int]:
     loop = asyncio.get_running_loop()
     assert isinstance(loop.busy_poll, Counting)  # type: ignore[attr-defined]
     SlowReceiver.seconds = 1.5 * window
-    transport, receiver = await loop.create_datagram_endpoint(
-        SlowReceiver, local_addr=("127.0.0.1", 0)
-    )
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
-            sender.sendto(b"x", transport.get_extra_info("sockname"))
-        await asyncio.wait_for(receiver.arrived, 5)
+    async with one_datagram_received(SlowReceiver):
         return await calls_over(loop.busy_poll, window / 2)  # type: ignore[attr-defined]
-    finally:
-        transport.close()
 
 
 def test_the_window_starts_when_the_loop_runs_out_of_work() -> None:

@@ -77,6 +77,21 @@ def opened(client: QuicConnection, server: QuicConnection, stream_id: int, now: 
     return b"opened"
 
 
+def recover(client: QuicConnection, server: QuicConnection, now: float) -> None:
+    """Loss recovery without losses now: timers and pumps, 1 ms a step, until the client has
+    nothing in flight or waiting (at most 300 steps)."""
+    for _ in range(300):
+        idle = client._loss.bytes_in_flight == 0
+        if idle and all(s.sender.buffer_is_empty for s in client._streams.values()):
+            return
+        timer = client.get_timer()
+        if timer is not None and timer <= now + 0.001:
+            client.handle_timer(now=max(now, timer))
+        pump(client, server, now)
+        pump(server, client, now)
+        now += 0.001
+
+
 def test_a_packet_sent_alone_is_received_acknowledged_and_leaves_nothing_due(
     identities: tuple[Identity, Identity],
 ) -> None:
@@ -157,16 +172,7 @@ def test_lost_duplicated_and_reordered_packets_sent_alone_lose_nothing(
             )
             pump(server, client, now)
             now += 0.0005
-        for _ in range(300):  # loss recovery, without losses now
-            idle = client._loss.bytes_in_flight == 0
-            if idle and all(s.sender.buffer_is_empty for s in client._streams.values()):
-                break
-            timer = client.get_timer()
-            if timer is not None and timer <= now + 0.001:
-                client.handle_timer(now=max(now, timer))
-            pump(client, server, now)
-            pump(server, client, now)
-            now += 0.001
+        recover(client, server, now)
         events = [event for event in iter(server.next_event, None)]
     received = {
         stream_id: b"".join(
@@ -263,15 +269,7 @@ def test_a_frame_over_several_small_packets_is_sent_alone_and_survives_loss(
             pump(server, client, now)  # the server's delayed ACK
             client.handle_timer(now=now)  # loss detection
             pump(client, server, now)
-        for _ in range(300):  # loss recovery, without losses now
-            if client._loss.bytes_in_flight == 0 and stream.sender.buffer_is_empty:
-                break
-            timer = client.get_timer()
-            if timer is not None and timer <= now + 0.001:
-                client.handle_timer(now=max(now, timer))
-            pump(client, server, now)
-            pump(server, client, now)
-            now += 0.001
+        recover(client, server, now)
         assert stream_bytes(server, 2) == bytes(sent)
         assert alone >= 10 and several >= 5 and client._loss.bytes_in_flight == 0
 
